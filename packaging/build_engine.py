@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Build and install the compiled dependencies (llama-cpp-python, hnswlib) for this host.
+
+Standard library only; run with the target virtualenv's interpreter:
+
+    .venv/bin/python packaging/build_engine.py
+
+Both packages are source distributions that compile on install. pip caches built wheels keyed
+by the sdist only, not by the build flags, so a plain ``pip install`` can hand back a wheel that
+was built for another CPU. We build with ``--no-cache-dir`` into a wheel directory whose name is
+a hash of (package, version, flags, interpreter), then install from there: a rebuild happens
+exactly when the flags change.
+
+Environment:
+  EDGE_AGENT_WHEEL_DIR     where built wheels are kept (default: ~/.cache/edge-agent/wheels)
+  EDGE_AGENT_CMAKE_ARGS    extra CMake flags appended to the probed ones for llama.cpp
+  EDGE_AGENT_HNSWLIB_NATIVE=1   build hnswlib with -march=native (not portable)
+  EDGE_AGENT_PORTABLE=1    baseline-ISA llama.cpp build (for images that move between CPUs)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from edge_agent.hardware import CpuInfo, llama_cmake_args, probe_cpu  # noqa: E402
+
+LLAMA = ("llama-cpp-python", "0.3.36")
+HNSWLIB = ("hnswlib", "0.8.0")
+
+
+def portable_cpu(cpu: CpuInfo) -> CpuInfo:
+    """The baseline each architecture is guaranteed to have (x86-64-v3 is not: use v2)."""
+    baseline = {"x86_64": frozenset({"sse4_2"})}.get(cpu.arch, frozenset())
+    return CpuInfo(system=cpu.system, arch=cpu.arch, flags=baseline)
+
+
+def wheel_dir_for(name: str, version: str, env: dict[str, str]) -> Path:
+    root = Path(
+        os.environ.get("EDGE_AGENT_WHEEL_DIR")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-agent" / "wheels"
+    )
+    key_material = "\n".join(
+        [name, version, sys.version, sysconfig.get_platform()]
+        + [f"{k}={v}" for k, v in sorted(env.items())]
+    )
+    key = hashlib.sha256(key_material.encode()).hexdigest()[:16]
+    return root / f"{name}-{version}-{key}"
+
+
+def pip(*args: str, env: dict[str, str] | None = None) -> None:
+    command = [sys.executable, "-m", "pip", *args]
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, check=True, env={**os.environ, **(env or {})})
+
+
+def build_and_install(name: str, version: str, build_env: dict[str, str]) -> None:
+    wheel_dir = wheel_dir_for(name, version, build_env)
+    if not any(wheel_dir.glob("*.whl")):
+        print(f"building {name} {version} (one time for these flags) into {wheel_dir}", flush=True)
+        for key, value in build_env.items():
+            print(f"  {key}={value}", flush=True)
+        pip(
+            "wheel", "--no-cache-dir", "--no-deps", "-w", str(wheel_dir), f"{name}=={version}",
+            env=build_env,
+        )
+    else:
+        print(f"{name} {version}: using the wheel built for these flags in {wheel_dir}", flush=True)
+    pip("install", "--no-deps", "--find-links", str(wheel_dir), "--no-index", f"{name}=={version}")
+
+
+def main() -> int:
+    cpu = probe_cpu()
+    if os.environ.get("EDGE_AGENT_PORTABLE") == "1":
+        cpu = portable_cpu(cpu)
+    cmake_args = " ".join(llama_cmake_args(cpu) + os.environ.get("EDGE_AGENT_CMAKE_ARGS", "").split())
+    build_and_install(*LLAMA, {"CMAKE_ARGS": cmake_args})
+    hnsw_env = {} if os.environ.get("EDGE_AGENT_HNSWLIB_NATIVE") == "1" else {"HNSWLIB_NO_NATIVE": "1"}
+    # hnswlib's setup.py imports numpy and pybind11 at build time.
+    pip("install", "numpy>=1.24", "pybind11>=2.10")
+    build_and_install(*HNSWLIB, hnsw_env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

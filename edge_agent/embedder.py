@@ -8,6 +8,7 @@ input fails fast with a typed error and never reaches the engine.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,13 +28,14 @@ from .errors import (
 from .models.manifest import ModelManifest
 from .models.store import ModelStore, ResolvedModel
 
-__all__ = ["EmbedderConfig", "Embedder", "Embeddings"]
+__all__ = ["Embedder", "EmbedderConfig", "Embeddings"]
 
 Kind = Literal["document", "query"]
 LongText = Literal["truncate", "chunk", "error"]
 KINDS = ("document", "query")
 LONG_TEXT_MODES = ("truncate", "chunk", "error")
 POOLING_LAST = 3
+_PLACEHOLDER = re.compile(r"\{(task|text)\}")
 
 
 def available_cpus() -> int:
@@ -53,6 +55,10 @@ class EmbedderConfig:
     # docs/benchmarks.md). Raised to the model's max_tokens if smaller.
     batch_tokens: int = 512
     max_sequences: int = 64  # sequences packed into one batch (llama.cpp allows up to 256)
+    # Longest sequence fed to the model: long-context models (Qwen3-Embedding: 32k) would
+    # otherwise get a 32k-token context with a multi-GiB compute buffer. Longer texts follow
+    # long_text (truncate / chunk / error).
+    max_sequence_tokens: int = 8192
     flash_attention: bool | None = True
     chunk_overlap: int = 32  # tokens shared by consecutive chunks with long_text="chunk"
     max_texts: int = 4096  # texts per embed() call
@@ -63,15 +69,20 @@ class EmbedderConfig:
         for name, low, high in (
             ("batch_tokens", 32, 8192),
             ("max_sequences", 1, 256),
+            ("max_sequence_tokens", 16, 32768),
             ("chunk_overlap", 0, 4096),
             ("max_texts", 1, 1_000_000),
             ("max_text_bytes", 1, 1 << 30),
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-                raise InvalidArgument(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+                raise InvalidArgument(
+                    f"{name} must be an integer in [{low}, {high}], got {value!r}"
+                )
         if self.threads is not None and (
-            not isinstance(self.threads, int) or isinstance(self.threads, bool) or not 1 <= self.threads <= 512
+            not isinstance(self.threads, int)
+            or isinstance(self.threads, bool)
+            or not 1 <= self.threads <= 512
         ):
             raise InvalidArgument(f"threads must be an integer in [1, 512], got {self.threads!r}")
 
@@ -108,7 +119,12 @@ class Embedder:
         self.quant = resolved.quant
         self.path = resolved.path
         self.threads = self.config.threads or available_cpus()
-        batch_tokens = max(self.config.batch_tokens, self.manifest.max_tokens)
+        longest = min(self.manifest.max_tokens, self.config.max_sequence_tokens)
+        batch_tokens = max(self.config.batch_tokens, longest)
+        # llama.cpp reserves its graph with batch_tokens / max_sequences tokens per sequence and
+        # aborts (GGML_ASSERT in mul_mat) when that division is not exact: round up.
+        sequences = self.config.max_sequences
+        batch_tokens = -(-batch_tokens // sequences) * sequences
         # Thread-owned: every llama.cpp call happens on this single worker thread.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-agent-model")
         self._closed = threading.Event()
@@ -148,7 +164,9 @@ class Embedder:
         self._window = self.max_tokens - len(self._prefix) - len(self._suffix)
         if self._window < 1:
             self.close()
-            raise InvalidArgument(f"{self.path}: max_tokens {self.max_tokens} leaves no room for text")
+            raise InvalidArgument(
+                f"{self.path}: max_tokens {self.max_tokens} leaves no room for text"
+            )
         self._overlap = min(self.config.chunk_overlap, self._window // 2)
 
     @classmethod
@@ -198,7 +216,9 @@ class Embedder:
             )
         if kind not in KINDS:
             raise InvalidArgument(f"kind must be one of {KINDS}, got {kind!r}")
-        template = self.manifest.query_template if kind == "query" else self.manifest.document_template
+        template = (
+            self.manifest.query_template if kind == "query" else self.manifest.document_template
+        )
         task = None
         if instruction is not None:
             if not isinstance(instruction, str) or not instruction.strip():
@@ -225,7 +245,10 @@ class Embedder:
                     limit=self.config.max_text_bytes,
                 )
             if template:
-                text = template.replace("{task}", task or "").replace("{text}", text)
+                # One pass, so a "{text}" inside the instruction (or "{task}" in the text) stays
+                # literal instead of being substituted again.
+                values = {"task": task or "", "text": text}
+                text = _PLACEHOLDER.sub(lambda m, v=values: v[m.group(1)], template)
             formatted.append(text)
         return formatted
 
@@ -261,7 +284,9 @@ class Embedder:
         out_dims = self._check_dimensions(dimensions)
         if long_text not in LONG_TEXT_MODES:
             raise InvalidArgument(f"long_text must be one of {LONG_TEXT_MODES}, got {long_text!r}")
-        return self._executor.submit(self._embed_on_model_thread, formatted, long_text, out_dims).result()
+        return self._executor.submit(
+            self._embed_on_model_thread, formatted, long_text, out_dims
+        ).result()
 
     def _prepare(self, index: int, text: str, long_text: str) -> _Prepared:
         content = self._engine.tokenize(text, add_special=False)
@@ -327,7 +352,8 @@ class Embedder:
         for index in order:
             length = len(sequences[index])
             if batch and (
-                batch_tokens + length > settings.batch_tokens or len(batch) >= settings.max_sequences
+                batch_tokens + length > settings.batch_tokens
+                or len(batch) >= settings.max_sequences
             ):
                 out[batch] = self._engine.embed_batch([sequences[i] for i in batch])
                 batch, batch_tokens = [], 0

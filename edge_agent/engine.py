@@ -136,7 +136,9 @@ class Engine:
     def tokenize(self, text: str, add_special: bool) -> list[int]:
         data = text.encode("utf-8")
         buffer = self._token_buffer
-        count = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, len(buffer), add_special, False)
+        count = llama_cpp.llama_tokenize(
+            self._vocab, data, len(data), buffer, len(buffer), add_special, False
+        )
         if count < 0:
             # Too long for the reusable buffer: llama.cpp told us how many it needs.
             buffer = (llama_cpp.llama_token * -count)()

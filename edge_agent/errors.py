@@ -12,6 +12,7 @@ from typing import Any
 
 __all__ = [
     "DimensionsNotSupported",
+    "DownloadError",
     "EdgeAgentError",
     "EmptyText",
     "EngineError",
@@ -21,7 +22,6 @@ __all__ = [
     "ModelFileError",
     "ModelNotFound",
     "TextTooLong",
-    "DownloadError",
     "error_for_code",
 ]
 
@@ -102,8 +102,16 @@ class EngineError(EdgeAgentError, RuntimeError):
 _BY_CODE: dict[int, type[EdgeAgentError]] = {
     cls.code: cls
     for cls in (
-        InvalidArgument, EmptyText, TextTooLong, DimensionsNotSupported, ModelNotFound,
-        ModelFileError, IntegrityError, DownloadError, EngineError, EdgeAgentError,
+        InvalidArgument,
+        EmptyText,
+        TextTooLong,
+        DimensionsNotSupported,
+        ModelNotFound,
+        ModelFileError,
+        IntegrityError,
+        DownloadError,
+        EngineError,
+        EdgeAgentError,
     )
 }
 

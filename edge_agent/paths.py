@@ -37,5 +37,9 @@ def default_paths(environ: dict[str, str] | None = None) -> Paths:
         data = Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
         cache = Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
         runtime = Path(platformdirs.user_runtime_dir(APP_NAME, appauthor=False))
-    models = Path(env["EDGE_AGENT_MODELS_DIR"]).expanduser() if env.get("EDGE_AGENT_MODELS_DIR") else data / "models"
+    models = (
+        Path(env["EDGE_AGENT_MODELS_DIR"]).expanduser()
+        if env.get("EDGE_AGENT_MODELS_DIR")
+        else data / "models"
+    )
     return Paths(data_dir=data, models_dir=models, cache_dir=cache, runtime_dir=runtime)

@@ -45,7 +45,9 @@ def portable_cpu(cpu: CpuInfo) -> CpuInfo:
 def wheel_dir_for(name: str, version: str, env: dict[str, str]) -> Path:
     root = Path(
         os.environ.get("EDGE_AGENT_WHEEL_DIR")
-        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-agent" / "wheels"
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        / "edge-agent"
+        / "wheels"
     )
     key_material = "\n".join(
         [name, version, sys.version, sysconfig.get_platform()]
@@ -68,7 +70,12 @@ def build_and_install(name: str, version: str, build_env: dict[str, str]) -> Non
         for key, value in build_env.items():
             print(f"  {key}={value}", flush=True)
         pip(
-            "wheel", "--no-cache-dir", "--no-deps", "-w", str(wheel_dir), f"{name}=={version}",
+            "wheel",
+            "--no-cache-dir",
+            "--no-deps",
+            "-w",
+            str(wheel_dir),
+            f"{name}=={version}",
             env=build_env,
         )
     else:
@@ -80,9 +87,13 @@ def main() -> int:
     cpu = probe_cpu()
     if os.environ.get("EDGE_AGENT_PORTABLE") == "1":
         cpu = portable_cpu(cpu)
-    cmake_args = " ".join(llama_cmake_args(cpu) + os.environ.get("EDGE_AGENT_CMAKE_ARGS", "").split())
+    cmake_args = " ".join(
+        llama_cmake_args(cpu) + os.environ.get("EDGE_AGENT_CMAKE_ARGS", "").split()
+    )
     build_and_install(*LLAMA, {"CMAKE_ARGS": cmake_args})
-    hnsw_env = {} if os.environ.get("EDGE_AGENT_HNSWLIB_NATIVE") == "1" else {"HNSWLIB_NO_NATIVE": "1"}
+    hnsw_env = (
+        {} if os.environ.get("EDGE_AGENT_HNSWLIB_NATIVE") == "1" else {"HNSWLIB_NO_NATIVE": "1"}
+    )
     # hnswlib's setup.py imports numpy and pybind11 at build time.
     pip("install", "numpy>=1.24", "pybind11>=2.10")
     build_and_install(*HNSWLIB, hnsw_env)

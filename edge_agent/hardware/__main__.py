@@ -1,4 +1,4 @@
-"""``python -m edge_agent.hardware [--cmake-args | --json]``: runs with the standard library only."""
+"""``python -m edge_agent.hardware [--cmake-args | --json]``, standard library only."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ X86_FEATURE_OPTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("GGML_BMI2", ("bmi2",)),
     ("GGML_AVX_VNNI", ("avx_vnni",)),
     ("GGML_AVX512", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd")),
-    ("GGML_AVX512_VBMI", ("avx512f", "avx512_vbmi")),
+    ("GGML_AVX512_VBMI", ("avx512f", "avx512vbmi")),  # sic: Linux spells it so
     ("GGML_AVX512_VNNI", ("avx512f", "avx512_vnni")),
     ("GGML_AVX512_BF16", ("avx512f", "avx512_bf16")),
 )

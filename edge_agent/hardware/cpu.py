@@ -29,6 +29,9 @@ class CpuInfo:
         return all(name in self.flags for name in names)
 
 
+# Intel Macs spell a few features differently from Linux's /proc/cpuinfo.
+_MACOS_X86_ALIASES = {"avx1_0": "avx", "sse4_2": "sse4_2"}
+
 _ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
 
 
@@ -98,7 +101,9 @@ def read_macos_sysctl(values: dict[str, str | None] | None = None) -> CpuInfo:
                 flags.add(flag)
     else:
         for key in ("machdep.cpu.features", "machdep.cpu.leaf7_features"):
-            flags.update(flag.lower().replace(".", "_") for flag in (get(key) or "").split())
+            for flag in (get(key) or "").split():
+                flag = flag.lower().replace(".", "_")
+                flags.add(_MACOS_X86_ALIASES.get(flag, flag))
     cores = get("hw.logicalcpu")
     return CpuInfo(
         system="Darwin",

@@ -41,10 +41,13 @@ class BertSource:
         tokenizer_config = _read_json(model_dir / "tokenizer_config.json", required=False)
         self.lowercase = bool(tokenizer_config.get("do_lower_case", True))
         st_config = _read_json(model_dir / "sentence_bert_config.json", required=False)
-        self.max_tokens = int(st_config.get("max_seq_length", self.config["max_position_embeddings"]))
+        self.max_tokens = int(
+            st_config.get("max_seq_length", self.config["max_position_embeddings"])
+        )
         pooling_config = _read_json(model_dir / "1_Pooling" / "config.json", required=False)
         self.pooling = next(
-            (kind for key, kind in _POOLING_FROM_ST if pooling_config.get(key)), gguf.PoolingType.MEAN
+            (kind for key, kind in _POOLING_FROM_ST if pooling_config.get(key)),
+            gguf.PoolingType.MEAN,
         )
         try:
             self.vocab = (model_dir / "vocab.txt").read_text(encoding="utf-8").split("\n")
@@ -108,7 +111,9 @@ def convert_bert(source: BertSource, out_path: Path, out_type: str = "F16", name
     writer.add_layer_norm_eps(float(config["layer_norm_eps"]))
     writer.add_causal_attention(False)
     writer.add_pooling_type(source.pooling)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if out_type == "F32" else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type(
+        gguf.LlamaFileType.ALL_F32 if out_type == "F32" else gguf.LlamaFileType.MOSTLY_F16
+    )
 
     writer.add_tokenizer_model("bert")
     writer.add_tokenizer_pre("default")

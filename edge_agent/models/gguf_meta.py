@@ -69,9 +69,13 @@ def read_gguf_info(path: Path) -> GgufInfo:
     except ModelFileError:
         raise
     except Exception as exc:  # the gguf reader raises many kinds on malformed input
-        raise ModelFileError(f"{path}: malformed GGUF ({type(exc).__name__}: {exc})", path=str(path)) from exc
+        raise ModelFileError(
+            f"{path}: malformed GGUF ({type(exc).__name__}: {exc})", path=str(path)
+        ) from exc
     if not isinstance(dims, int) or not isinstance(context, int):
-        raise ModelFileError(f"{path}: missing {arch}.embedding_length/context_length", path=str(path))
+        raise ModelFileError(
+            f"{path}: missing {arch}.embedding_length/context_length", path=str(path)
+        )
     return GgufInfo(
         architecture=arch,
         name=name if isinstance(name, str) else None,

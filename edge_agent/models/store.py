@@ -27,7 +27,12 @@ KNOWN_TEMPLATES: dict[str, tuple[str | None, str | None, str | None, tuple[int, 
         "Given a web search query, retrieve relevant passages that answer the query",
         None,
     ),
-    "nomic-bert": ("search_query: {text}", "search_document: {text}", None, (64, 128, 256, 512, 768)),
+    "nomic-bert": (
+        "search_query: {text}",
+        "search_document: {text}",
+        None,
+        (64, 128, 256, 512, 768),
+    ),
 }
 
 
@@ -162,7 +167,9 @@ class ModelStore:
                 info.architecture, (None, None, None, ())
             )
             if known_dims is None:
-                known_dims = tuple(d for d in (32, 64, 128, 256, 512, 768, 1024, 2048) if d < info.dims)
+                known_dims = tuple(
+                    d for d in (32, 64, 128, 256, 512, 768, 1024, 2048) if d < info.dims
+                )
             manifest = ModelManifest(
                 name=name,
                 source=source_label or f"import:{source.name}",

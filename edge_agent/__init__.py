@@ -1,0 +1,64 @@
+"""edge-agent: an on-device text-embedding agent.
+
+The public surface. Importing this package loads no engine code: the embedder (llama.cpp) is
+imported lazily on first use, so clients stay light.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    DimensionsNotSupported,
+    DownloadError,
+    EdgeAgentError,
+    EmptyText,
+    EngineError,
+    ErrorCode,
+    IntegrityError,
+    InvalidArgument,
+    ModelFileError,
+    ModelNotFound,
+    TextTooLong,
+)
+
+if TYPE_CHECKING:
+    from .embedder import Embedder, EmbedderConfig, Embeddings
+    from .models import ModelStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DimensionsNotSupported",
+    "DownloadError",
+    "EdgeAgentError",
+    "Embedder",
+    "EmbedderConfig",
+    "Embeddings",
+    "EmptyText",
+    "EngineError",
+    "ErrorCode",
+    "IntegrityError",
+    "InvalidArgument",
+    "ModelFileError",
+    "ModelNotFound",
+    "ModelStore",
+    "TextTooLong",
+    "__version__",
+]
+
+_LAZY = {
+    "Embedder": "embedder",
+    "EmbedderConfig": "embedder",
+    "Embeddings": "embedder",
+    "ModelStore": "models",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edge_agent' has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f".{module}", __name__), name)

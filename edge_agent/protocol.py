@@ -1,0 +1,592 @@
+"""The wire protocol: MessagePack-RPC over a byte stream, as pure functions and data classes.
+
+Nothing here touches sockets, threads or asyncio, so the server, both clients and the tests share
+one definition of every message, argument and error. See docs/protocol.md for the spec.
+
+Framing is the msgpack-rpc spec's: messages are msgpack arrays written back to back with no
+length prefix. ``Decoder`` turns untrusted bytes into messages under hard limits, raising only
+the typed errors below; ``parse_message`` then checks the msgpack-rpc shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Final
+
+import msgpack
+import numpy as np
+
+from .errors import (
+    DimensionsNotSupported,
+    EdgeAgentError,
+    EmptyText,
+    InvalidArgument,
+    error_for_code,
+)
+
+__all__ = [
+    "ARGUMENTS",
+    "ERROR_NOTIFICATION",
+    "KINDS",
+    "LONG_TEXT_MODES",
+    "NOTIFICATION",
+    "PROTOCOL_VERSION",
+    "REQUEST",
+    "RESPONSE",
+    "AlreadyRunning",
+    "BadRequest",
+    "BadResponse",
+    "ConnectionFailed",
+    "Decoder",
+    "EmbedArgs",
+    "EmbedResult",
+    "HelloArgs",
+    "Limits",
+    "MalformedFrame",
+    "MessageTooLarge",
+    "NoArgs",
+    "Notification",
+    "Overloaded",
+    "ProtocolCode",
+    "ProtocolError",
+    "Request",
+    "RequestTimeout",
+    "Response",
+    "ShuttingDown",
+    "UnknownMethod",
+    "bind_args",
+    "decode_vectors",
+    "encode_embed_result",
+    "encode_notification",
+    "encode_request",
+    "encode_response",
+    "encode_vectors",
+    "error_from_wire",
+    "error_to_wire",
+    "exception_class",
+    "named_args",
+    "parse_message",
+]
+
+# Bumped only for incompatible changes; additions are announced through hello's capabilities.
+PROTOCOL_VERSION: Final = 1
+
+REQUEST: Final = 0
+RESPONSE: Final = 1
+NOTIFICATION: Final = 2
+
+# The server's only notification: a fatal error, sent just before it closes the connection,
+# because a broken frame has no msgid to answer.
+ERROR_NOTIFICATION: Final = "error"
+
+# Kept here rather than imported from the embedder so that clients never import llama.cpp;
+# tests/test_server.py checks they agree with edge_agent.embedder.
+KINDS: Final = ("document", "query")
+LONG_TEXT_MODES: Final = ("truncate", "chunk", "error")
+
+_MSGID_MAX: Final = 2**32 - 1  # msgpack-rpc msgids are 32-bit unsigned
+
+
+class ProtocolCode(IntEnum):
+    """Protocol-level codes, in 4xx so they never collide with errors.ErrorCode.
+
+    Stable like ErrorCode: never renumber, only add.
+    """
+
+    # Sent on the wire.
+    BAD_REQUEST = 400  # valid msgpack but not a valid request (shape, params convention)
+    UNKNOWN_METHOD = 401
+    MESSAGE_TOO_LARGE = 402  # fatal: the connection is closed
+    OVERLOADED = 403  # retry later: the queue or the connection table is full
+    SHUTTING_DOWN = 404  # retry later, against the next daemon
+    MALFORMED_FRAME = 405  # fatal: the bytes are not msgpack; the connection is closed
+    # Raised locally by clients and the daemon; never sent on the wire.
+    CONNECTION_FAILED = 450
+    TIMEOUT = 451
+    BAD_RESPONSE = 452  # the server's reply does not follow this protocol
+    ALREADY_RUNNING = 453  # another daemon is listening on the socket
+
+
+class ProtocolError(EdgeAgentError):
+    code = ProtocolCode.BAD_REQUEST  # type: ignore[assignment]  # errors.py types it ErrorCode
+
+
+class BadRequest(ProtocolError, ValueError):
+    code = ProtocolCode.BAD_REQUEST  # type: ignore[assignment]
+
+
+class UnknownMethod(ProtocolError, LookupError):
+    code = ProtocolCode.UNKNOWN_METHOD  # type: ignore[assignment]
+
+
+class MessageTooLarge(ProtocolError):
+    code = ProtocolCode.MESSAGE_TOO_LARGE  # type: ignore[assignment]
+
+
+class Overloaded(ProtocolError):
+    code = ProtocolCode.OVERLOADED  # type: ignore[assignment]
+
+
+class ShuttingDown(ProtocolError):
+    code = ProtocolCode.SHUTTING_DOWN  # type: ignore[assignment]
+
+
+class MalformedFrame(ProtocolError):
+    code = ProtocolCode.MALFORMED_FRAME  # type: ignore[assignment]
+
+
+class ConnectionFailed(ProtocolError, ConnectionError):
+    code = ProtocolCode.CONNECTION_FAILED  # type: ignore[assignment]
+
+
+class RequestTimeout(ProtocolError, TimeoutError):
+    code = ProtocolCode.TIMEOUT  # type: ignore[assignment]
+
+
+class BadResponse(ProtocolError):
+    code = ProtocolCode.BAD_RESPONSE  # type: ignore[assignment]
+
+
+class AlreadyRunning(ProtocolError):
+    code = ProtocolCode.ALREADY_RUNNING  # type: ignore[assignment]
+
+
+_PROTOCOL_CLASSES: dict[int, type[EdgeAgentError]] = {
+    cls.code: cls
+    for cls in (
+        BadRequest, UnknownMethod, MessageTooLarge, Overloaded, ShuttingDown, MalformedFrame,
+        ConnectionFailed, RequestTimeout, BadResponse, AlreadyRunning,
+    )
+}
+
+
+def exception_class(code: int) -> type[EdgeAgentError]:
+    """The exception class for any code, protocol-level or errors.ErrorCode."""
+    return _PROTOCOL_CLASSES.get(code) or error_for_code(code)
+
+
+# -- limits ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Decoder limits. Each bounds what a peer can make us allocate before we look at it."""
+
+    max_message_bytes: int = 8 << 20
+    # msgpack allocates a list/dict of the declared size up front: cap the declared sizes too,
+    # so a 5-byte header claiming 4 billion elements is refused before any allocation.
+    max_array_len: int = 65_536
+    max_map_len: int = 1_024
+
+    def __post_init__(self) -> None:
+        for name, low in (("max_message_bytes", 64), ("max_array_len", 16), ("max_map_len", 16)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise InvalidArgument(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+# -- framing --------------------------------------------------------------------------------------
+
+
+class Decoder:
+    """Untrusted bytes in, msgpack objects out; one per connection, dropped after any error.
+
+    ``room()`` says how many bytes may be fed next without the message being decoded growing
+    past ``max_message_bytes``. The count is ours, not the unpacker's: msgpack consumes a large
+    array element by element, so its buffer alone would let one endless message through.
+    A reader that never reads more than ``room()`` bytes can tell "one message is too large"
+    (room 0 while a message is incomplete) from "several messages arrived at once".
+    """
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        size = self.limits.max_message_bytes
+        self._unpacker = msgpack.Unpacker(
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_buffer_size=size,
+            max_str_len=size,
+            max_bin_len=size,
+            max_array_len=self.limits.max_array_len,
+            max_map_len=self.limits.max_map_len,
+            max_ext_len=0,  # no extension types in this protocol
+        )
+        self._fed = 0  # bytes fed since the start of the stream
+        self._message_start = 0  # stream offset where the incomplete message begins
+        self._broken = False
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of an incomplete message (non-zero at EOF means a truncated frame)."""
+        return self._fed - self._message_start
+
+    def room(self) -> int:
+        return self.limits.max_message_bytes - self.pending_bytes
+
+    def _too_large(self) -> MessageTooLarge:
+        self._broken = True
+        limit = self.limits.max_message_bytes
+        return MessageTooLarge(f"message over {limit} bytes", limit=limit)
+
+    def feed(self, data: bytes) -> None:
+        """Buffer ``data``; more than ``room()`` bytes is refused as MessageTooLarge (callers
+        that must accept several messages per read should drain the iterator first)."""
+        if self._broken:
+            raise MalformedFrame("decoder used after an error")
+        if len(data) > self.room():
+            raise self._too_large()
+        try:
+            self._unpacker.feed(data)
+        except msgpack.BufferFull:
+            raise self._too_large() from None
+        self._fed += len(data)
+
+    def __iter__(self) -> Iterator[Any]:
+        """Every complete message buffered so far; raises MalformedFrame on bad bytes."""
+        if self._broken:
+            raise MalformedFrame("decoder used after an error")
+        while True:
+            try:
+                obj = next(self._unpacker)
+            except StopIteration:
+                return
+            except Exception as exc:
+                # The unpacker's state is undefined after any error (ValueError for a declared
+                # length over a limit, FormatError, StackError, UnicodeDecodeError, ...):
+                # the stream cannot be resynchronised, so the connection must go.
+                self._broken = True
+                raise MalformedFrame(f"undecodable message: {type(exc).__name__}") from None
+            self._message_start = self._unpacker.tell()
+            yield obj
+
+
+# -- messages -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    msgid: int
+    method: str
+    params: list[Any]
+
+
+@dataclass(frozen=True)
+class Notification:
+    method: str
+    params: list[Any]
+
+
+@dataclass(frozen=True)
+class Response:
+    msgid: int
+    error: Any
+    result: Any
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_message(obj: Any) -> Request | Notification | Response:
+    """Check the msgpack-rpc shape. BadRequest carries ``data["msgid"]`` when one was readable,
+    so a server can answer it and keep the connection; without one, the error is fatal."""
+    if not isinstance(obj, list) or not obj or not _is_int(obj[0]):
+        raise BadRequest("a message must be an array starting with its type (0, 1 or 2)")
+    kind = obj[0]
+    if kind == REQUEST:
+        if len(obj) != 4 or not _is_int(obj[1]) or not 0 <= obj[1] <= _MSGID_MAX:
+            raise BadRequest("a request is [0, msgid (uint32), method, params]")
+        msgid = obj[1]
+        if not isinstance(obj[2], str):
+            raise BadRequest("method must be a string", msgid=msgid)
+        if not isinstance(obj[3], list):
+            raise BadRequest("params must be an array", msgid=msgid)
+        return Request(msgid, obj[2], obj[3])
+    if kind == RESPONSE:
+        if len(obj) != 4 or not _is_int(obj[1]) or not 0 <= obj[1] <= _MSGID_MAX:
+            raise BadRequest("a response is [1, msgid (uint32), error, result]")
+        return Response(obj[1], obj[2], obj[3])
+    if kind == NOTIFICATION:
+        if len(obj) != 3 or not isinstance(obj[1], str) or not isinstance(obj[2], list):
+            raise BadRequest("a notification is [2, method, params]")
+        return Notification(obj[1], obj[2])
+    raise BadRequest(f"unknown message type {kind}")
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def encode_request(msgid: int, method: str, args: Mapping[str, Any] | None = None) -> bytes:
+    return _pack([REQUEST, msgid, method, [dict(args)] if args else []])
+
+
+def encode_response(msgid: int, error: list[Any] | None, result: Any) -> bytes:
+    return _pack([RESPONSE, msgid, error, result])
+
+
+def encode_notification(method: str, args: Mapping[str, Any] | None = None) -> bytes:
+    return _pack([NOTIFICATION, method, [dict(args)] if args else []])
+
+
+# -- errors on the wire ---------------------------------------------------------------------------
+
+
+def _wire_safe(value: Any, depth: int = 0) -> Any:
+    """Error data must always encode: anything exotic becomes its repr."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return value
+    if depth < 4 and isinstance(value, (list, tuple)):
+        return [_wire_safe(v, depth + 1) for v in value]
+    if depth < 4 and isinstance(value, Mapping):
+        return {str(k): _wire_safe(v, depth + 1) for k, v in value.items()}
+    return repr(value)
+
+
+def error_to_wire(exc: EdgeAgentError) -> list[Any]:
+    """[code, name, message, data]."""
+    return [int(exc.code), exc.code.name, exc.message, _wire_safe(exc.data)]
+
+
+def error_from_wire(error: Any) -> EdgeAgentError:
+    """The typed exception for a wire error; a reply that is not [code, name, message, data]
+    becomes BadResponse rather than crashing the client."""
+    if (
+        not isinstance(error, list)
+        or len(error) != 4
+        or not _is_int(error[0])
+        or not isinstance(error[1], str)
+        or not isinstance(error[2], str)
+        or not (error[3] is None or isinstance(error[3], dict))
+    ):
+        return BadResponse(f"malformed error in reply: {error!r:.200}")
+    code, name, message, data = error
+    cls = exception_class(code)
+    kwargs = {str(k): v for k, v in (data or {}).items()}
+    if int(cls.code) != code:
+        # A code from a newer server: keep what it said instead of mislabelling it.
+        message = f"{name} ({code}): {message}"
+        kwargs.setdefault("remote_code", code)
+    return cls(message, **kwargs)
+
+
+# -- params convention ----------------------------------------------------------------------------
+
+
+def named_args(params: Any) -> dict[str, Any]:
+    """Params are [] or [{name: value, ...}]; anything else is a BadRequest."""
+    if not isinstance(params, list) or len(params) > 1:
+        raise BadRequest("params must be [] or an array holding one map of named arguments")
+    if not params or params[0] is None:
+        return {}
+    if not isinstance(params[0], dict):
+        raise BadRequest("params must be [] or an array holding one map of named arguments")
+    return params[0]
+
+
+def _reject_unknown(method: str, args: Mapping[str, Any], known: Sequence[str]) -> None:
+    # Unknown names are refused, not ignored: silently dropping e.g. a misspelt "dimensions"
+    # would return vectors the caller did not ask for. Clients check hello's capabilities.
+    for name in args:
+        if name not in known:
+            raise InvalidArgument(
+                f"{method} takes no argument {name!r} (known: {', '.join(known) or 'none'})",
+                argument=name,
+            )
+
+
+@dataclass(frozen=True)
+class NoArgs:
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> NoArgs:
+        _reject_unknown("this method", args, ())
+        return cls()
+
+
+@dataclass(frozen=True)
+class HelloArgs:
+    client: str | None = None  # the client's name/version, for the server's log
+    protocol: int | None = None  # the client's protocol version
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> HelloArgs:
+        _reject_unknown("hello", args, ("client", "protocol"))
+        client = args.get("client")
+        protocol = args.get("protocol")
+        if client is not None and (not isinstance(client, str) or len(client) > 256):
+            raise InvalidArgument("client must be a string of at most 256 characters")
+        if protocol is not None and not _is_int(protocol):
+            raise InvalidArgument("protocol must be an integer")
+        return cls(client=client, protocol=protocol)
+
+
+@dataclass(frozen=True)
+class EmbedArgs:
+    """Shape and type checks only; the model's own limits (texts per call, bytes per text,
+    supported dimensions) are checked by the service, which knows the model."""
+
+    texts: list[str]
+    kind: str = "document"
+    instruction: str | None = None
+    dimensions: int | None = None
+    long_text: str = "truncate"
+
+    @property
+    def batch_key(self) -> tuple[str, str | None, int | None, str]:
+        """Requests with equal keys can share one engine call."""
+        return (self.kind, self.instruction, self.dimensions, self.long_text)
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> EmbedArgs:
+        _reject_unknown("embed", args, ("texts", "kind", "instruction", "dimensions", "long_text"))
+        if "texts" not in args:
+            raise InvalidArgument("embed needs texts", argument="texts")
+        texts = args["texts"]
+        if not isinstance(texts, list):
+            raise InvalidArgument("texts must be an array of strings", argument="texts")
+        if not texts:
+            raise InvalidArgument("texts must not be empty", argument="texts")
+        for index, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InvalidArgument(
+                    f"texts[{index}] is {type(text).__name__}, not a string", index=index
+                )
+            if not text.strip():
+                raise EmptyText(f"texts[{index}] is empty", index=index)
+        kind = args.get("kind", "document")
+        if kind is None:
+            kind = "document"
+        if kind not in KINDS:
+            raise InvalidArgument(f"kind must be one of {KINDS}, got {kind!r:.50}", argument="kind")
+        long_text = args.get("long_text", "truncate")
+        if long_text is None:
+            long_text = "truncate"
+        if long_text not in LONG_TEXT_MODES:
+            raise InvalidArgument(
+                f"long_text must be one of {LONG_TEXT_MODES}, got {long_text!r:.50}",
+                argument="long_text",
+            )
+        instruction = args.get("instruction")
+        if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
+            raise InvalidArgument("instruction must be a non-empty string", argument="instruction")
+        dimensions = args.get("dimensions")
+        if dimensions is not None and (not _is_int(dimensions) or dimensions < 1):
+            raise DimensionsNotSupported(
+                f"dimensions must be a positive integer, got {dimensions!r:.50}",
+                argument="dimensions",
+            )
+        return cls(texts, kind, instruction, dimensions, long_text)
+
+    def to_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {"texts": list(self.texts), "kind": self.kind}
+        if self.instruction is not None:
+            args["instruction"] = self.instruction
+        if self.dimensions is not None:
+            args["dimensions"] = self.dimensions
+        if self.long_text != "truncate":
+            args["long_text"] = self.long_text
+        return args
+
+
+ARGUMENTS: dict[str, type[NoArgs] | type[HelloArgs] | type[EmbedArgs]] = {
+    "hello": HelloArgs,
+    "embed": EmbedArgs,
+    "health": NoArgs,
+    "stats": NoArgs,
+}
+
+
+def bind_args(method: str, params: Any, known: Mapping[str, Any] = ARGUMENTS) -> Any:
+    """The typed arguments of ``method``; UnknownMethod, BadRequest or InvalidArgument."""
+    spec = known.get(method)
+    if spec is None:
+        raise UnknownMethod(f"no method {method!r:.80}", method=method[:80])
+    return spec.from_args(named_args(params))
+
+
+# -- vectors --------------------------------------------------------------------------------------
+
+
+def encode_vectors(vectors: np.ndarray) -> dict[str, Any]:
+    """Row-major little-endian float32 bytes: 4 bytes a number instead of msgpack's 5 for a
+    float32 or 9 for a float64, and one memcpy to decode."""
+    array = np.ascontiguousarray(vectors, dtype="<f4")
+    if array.ndim != 2:
+        raise InvalidArgument(f"vectors must be 2-D, got shape {array.shape}")
+    count, dims = array.shape
+    return {"vectors": array.tobytes(), "dims": int(dims), "count": int(count)}
+
+
+def decode_vectors(data: Any, dims: Any, count: Any) -> np.ndarray:
+    if not isinstance(data, bytes) or not _is_int(dims) or not _is_int(count):
+        raise BadResponse("vectors must be bin with integer dims and count")
+    if dims < 0 or count < 0 or len(data) != dims * count * 4:
+        raise BadResponse(f"vectors hold {len(data)} bytes, not {count} x {dims} float32")
+    # Copy: frombuffer on bytes is read-only, and callers expect an ordinary array.
+    return np.frombuffer(data, dtype="<f4").reshape(count, dims).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """What ``embed`` returns, decoded: float32 (count, dims) unit vectors in input order."""
+
+    vectors: np.ndarray
+    dims: int
+    count: int
+    token_counts: list[int]
+    truncated: list[bool]
+    chunks: list[int]
+    model: str
+    quant: str
+    extra: dict[str, Any] = field(default_factory=dict)  # fields from a newer server
+
+    @classmethod
+    def from_wire(cls, result: Any) -> EmbedResult:
+        if not isinstance(result, dict):
+            raise BadResponse("embed result is not a map")
+        try:
+            vectors = decode_vectors(result["vectors"], result["dims"], result["count"])
+            count = result["count"]
+            lists = {name: result[name] for name in ("token_counts", "truncated", "chunks")}
+            model, quant = result["model"], result["quant"]
+        except KeyError as exc:
+            raise BadResponse(f"embed result lacks {exc.args[0]!r}") from None
+        for name, value in lists.items():
+            if not isinstance(value, list) or len(value) != count:
+                raise BadResponse(f"embed result {name} is not a list of {count}")
+        if not isinstance(model, str) or not isinstance(quant, str):
+            raise BadResponse("embed result model and quant must be strings")
+        known = {"vectors", "dims", "count", "token_counts", "truncated", "chunks", "model", "quant"}
+        return cls(
+            vectors=vectors,
+            dims=result["dims"],
+            count=count,
+            token_counts=lists["token_counts"],
+            truncated=lists["truncated"],
+            chunks=lists["chunks"],
+            model=model,
+            quant=quant,
+            extra={k: v for k, v in result.items() if k not in known},
+        )
+
+
+def encode_embed_result(
+    vectors: np.ndarray,
+    token_counts: Sequence[int],
+    truncated: Sequence[bool],
+    chunks: Sequence[int],
+    model: str,
+    quant: str,
+) -> dict[str, Any]:
+    result = encode_vectors(vectors)
+    result.update(
+        token_counts=[int(n) for n in token_counts],
+        truncated=[bool(t) for t in truncated],
+        chunks=[int(n) for n in chunks],
+        model=model,
+        quant=quant,
+    )
+    return result

@@ -1,0 +1,471 @@
+"""The service: the RPC methods, independent of any transport, and the embed batcher.
+
+This is the only layer that crosses between asyncio and threads. The event loop never blocks
+on the model: embed requests are queued, coalesced into one engine call per window (requests
+with the same options share a call), and that call runs off the loop while the Embedder keeps
+every llama.cpp call on its own model thread. Transports (the Unix socket now; TCP later) call
+``Service.call(method, params)`` and only move bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib.metadata
+import json
+import logging
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .embedder import Embedder, Embeddings
+from .errors import DimensionsNotSupported, EdgeAgentError, InvalidArgument, TextTooLong
+from .protocol import (
+    KINDS,
+    LONG_TEXT_MODES,
+    PROTOCOL_VERSION,
+    EmbedArgs,
+    HelloArgs,
+    NoArgs,
+    Overloaded,
+    ShuttingDown,
+    UnknownMethod,
+    encode_embed_result,
+    named_args,
+)
+
+__all__ = ["Reservoir", "Service", "ServiceConfig", "kv", "server_version"]
+
+log = logging.getLogger("edge_agent.service")
+
+Handler = Callable[[Any], Awaitable[Any]]
+
+
+class kv:  # noqa: N801  (used like a function: log.info("%s", kv(event="x", n=1)))
+    """key=value log fields, formatted only if the record is emitted.
+
+    Values are ours (counts, names, timings), never document text: callers pass lengths.
+    """
+
+    __slots__ = ("fields",)
+
+    def __init__(self, **fields: Any) -> None:
+        self.fields = fields
+
+    def __str__(self) -> str:
+        parts = []
+        for key, value in self.fields.items():
+            text = f"{value:.3f}" if isinstance(value, float) else str(value)
+            if not text or any(c in text for c in ' ="\n'):
+                text = json.dumps(text)
+            parts.append(f"{key}={text}")
+        return " ".join(parts)
+
+
+def server_version() -> str:
+    try:
+        return importlib.metadata.version("edge-agent")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        from . import __version__
+
+        return __version__
+
+
+class Reservoir:
+    """A uniform sample of at most ``size`` values (Vitter's algorithm R): bounded memory
+    however long the daemon runs, unbiased percentiles."""
+
+    def __init__(self, size: int = 1024, seed: int = 0) -> None:
+        self.size = size
+        self.count = 0
+        self.values: list[float] = []
+        self._rng = random.Random(seed)
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        if len(self.values) < self.size:
+            self.values.append(value)
+        else:
+            slot = self._rng.randrange(self.count)
+            if slot < self.size:
+                self.values[slot] = value
+
+    def percentiles(self) -> dict[str, float]:
+        ordered = sorted(self.values)
+        out = {}
+        for name, fraction in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99)):
+            if not ordered:
+                out[name] = 0.0
+                continue
+            rank = max(1, math.ceil(fraction * len(ordered)))  # nearest-rank percentile
+            out[name] = round(ordered[min(rank, len(ordered)) - 1], 3)
+        return out
+
+
+@dataclass
+class _MethodStats:
+    count: int = 0
+    errors: int = 0
+    latency_ms: Reservoir = field(default_factory=Reservoir)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    max_queue: int = 256  # embed requests waiting for the engine; more are refused OVERLOADED
+    batch_window_s: float = 0.002  # how long the first request of a batch waits for company
+    batch_max_texts: int = 256  # texts per engine call, unless one request alone has more
+    reservoir_size: int = 1024  # latency samples kept per method
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_queue <= 1_000_000:
+            raise InvalidArgument(f"max_queue must be in [1, 1000000], got {self.max_queue!r}")
+        if not 0 <= self.batch_window_s <= 1:
+            raise InvalidArgument(f"batch_window_s must be in [0, 1], got {self.batch_window_s!r}")
+        if self.batch_max_texts < 1 or self.reservoir_size < 1:
+            raise InvalidArgument("batch_max_texts and reservoir_size must be positive")
+
+
+@dataclass
+class _Job:
+    args: EmbedArgs
+    future: asyncio.Future[dict[str, Any]]
+    enqueued: float
+
+
+class Service:
+    """Owns the Embedder (closing the service closes it) and answers every RPC method."""
+
+    def __init__(self, embedder: Embedder, config: ServiceConfig | None = None) -> None:
+        self.embedder = embedder
+        self.config = config or ServiceConfig()
+        # Limits and counters a transport reports through hello / health / stats.
+        self.transport_limits: dict[str, Any] = {}
+        self.transport_stats: Callable[[], dict[str, Any]] = dict
+        self._started_at = time.monotonic()
+        self._methods: dict[str, tuple[type[Any], Handler]] = {}
+        self._stats: dict[str, _MethodStats] = {}
+        self._queue: deque[_Job] = deque()
+        self._queued_texts = 0
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._closing = False
+        self._closed = False
+        # embed() blocks its caller until the model thread is done: this thread is that caller,
+        # so the event loop never waits. The model's own thread still does all llama.cpp work.
+        self._caller = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-agent-embed")
+        self.engine_calls = 0
+        self.embed_requests = 0
+        self.embedded_texts = 0
+        self.engine_busy_s = 0.0
+        self.overloaded = 0
+        self.batch_texts = Reservoir(self.config.reservoir_size)
+        self.register("hello", HelloArgs, self._hello)
+        self.register("health", NoArgs, self._health)
+        self.register("stats", NoArgs, self._stats_method)
+        self.register("embed", EmbedArgs, self._embed)
+
+    # -- registry -----------------------------------------------------------------------------
+
+    def register(self, name: str, args_type: type[Any], handler: Handler) -> None:
+        """Add a method; ``args_type.from_args(map)`` validates its named arguments.
+
+        Later features (the vector index) register here instead of editing the dispatcher.
+        """
+        self._methods[name] = (args_type, handler)
+        self._stats.setdefault(name, _MethodStats(latency_ms=Reservoir(self.config.reservoir_size)))
+
+    @property
+    def methods(self) -> list[str]:
+        return sorted(self._methods)
+
+    async def call(self, method: str, params: Any) -> Any:
+        """Bind and run one method. Raises EdgeAgentError subclasses only (anything else is a
+        bug, which the transport reports as INTERNAL)."""
+        entry = self._methods.get(method)
+        if entry is None:
+            raise UnknownMethod(f"no method {method[:80]!r}", method=method[:80])
+        args_type, handler = entry
+        stats = self._stats[method]
+        started = time.perf_counter()
+        try:
+            result = await handler(args_type.from_args(named_args(params)))
+        except BaseException:
+            stats.errors += 1
+            raise
+        finally:
+            stats.count += 1
+            stats.latency_ms.add((time.perf_counter() - started) * 1000)
+        return result
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._worker = asyncio.create_task(self._batch_loop(), name="edge-agent-batcher")
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def begin_shutdown(self) -> None:
+        """New embed requests get SHUTTING_DOWN; queued ones still run."""
+        self._closing = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Finish queued work for up to ``grace`` seconds, fail the rest, close the model."""
+        if self._closed:
+            return
+        self._closed = True
+        self.begin_shutdown()
+        if self._worker is not None:
+            done, _ = await asyncio.wait({self._worker}, timeout=grace)
+            if not done:
+                log.warning("%s", kv(event="shutdown_timeout", queued=len(self._queue)))
+                self._worker.cancel()
+                await asyncio.gather(self._worker, return_exceptions=True)
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.future.done():
+                job.future.set_exception(ShuttingDown("the daemon is shutting down"))
+        # A cancelled batch may still be running on the model thread: close() waits for it.
+        await asyncio.get_running_loop().run_in_executor(self._caller, self.embedder.close)
+        self._caller.shutdown(wait=True)
+
+    # -- methods ------------------------------------------------------------------------------
+
+    def _limits(self) -> dict[str, Any]:
+        config = self.embedder.config
+        return {
+            "max_texts": config.max_texts,
+            "max_text_bytes": config.max_text_bytes,
+            "max_queue": self.config.max_queue,
+            "batch_max_texts": self.config.batch_max_texts,
+            **self.transport_limits,
+        }
+
+    async def _hello(self, args: HelloArgs) -> dict[str, Any]:
+        log.info("%s", kv(event="hello", client=args.client or "-", protocol=args.protocol or "-"))
+        manifest = self.embedder.manifest
+        templates = {"query": manifest.query_template, "document": manifest.document_template}
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "server": "edge-agent",
+            "version": server_version(),
+            "model": self.embedder.model_name,
+            "quant": self.embedder.quant,
+            "dims": self.embedder.dims,
+            "max_tokens": self.embedder.max_tokens,
+            "matryoshka_dims": sorted(set(manifest.matryoshka_dims) | {self.embedder.dims}),
+            "kinds": list(KINDS),
+            "long_text_modes": list(LONG_TEXT_MODES),
+            "instruction_kinds": [k for k, t in templates.items() if t and "{task}" in t],
+            "capabilities": self.methods,
+            "limits": self._limits(),
+        }
+
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    async def _health(self, _args: NoArgs) -> dict[str, Any]:
+        return {
+            "status": "shutting_down" if self._closing else "ok",
+            "model_loaded": not self._closed,
+            "model": self.embedder.model_name,
+            "quant": self.embedder.quant,
+            "queue_depth": len(self._queue),
+            "uptime_s": round(time.monotonic() - self._started_at, 3),
+        }
+
+    async def _stats_method(self, _args: NoArgs) -> dict[str, Any]:
+        methods = {
+            name: {"count": s.count, "errors": s.errors, "latency_ms": s.latency_ms.percentiles()}
+            for name, s in sorted(self._stats.items())
+        }
+        busy = self.engine_busy_s
+        return {
+            "uptime_s": round(time.monotonic() - self._started_at, 3),
+            "methods": methods,
+            "embed": {
+                "requests": self.embed_requests,
+                "texts": self.embedded_texts,
+                "engine_calls": self.engine_calls,
+                "engine_busy_s": round(busy, 3),
+                # Throughput while the engine works, so idle time does not dilute it.
+                "texts_per_s": round(self.embedded_texts / busy, 1) if busy > 0 else 0.0,
+                "batch_texts": self.batch_texts.percentiles(),
+                "queue_depth": len(self._queue),
+                "max_queue": self.config.max_queue,
+                "overloaded": self.overloaded,
+            },
+            "transport": self.transport_stats(),
+        }
+
+    # -- embed --------------------------------------------------------------------------------
+
+    def _check_model_limits(self, args: EmbedArgs) -> None:
+        """The Embedder checks all of this too; checking here first keeps one bad request from
+        failing a whole coalesced batch (see _run_batch for what only the engine can find)."""
+        config = self.embedder.config
+        if len(args.texts) > config.max_texts:
+            raise InvalidArgument(
+                f"{len(args.texts)} texts in one call; the limit is {config.max_texts}",
+                limit=config.max_texts,
+            )
+        limit = config.max_text_bytes
+        for index, text in enumerate(args.texts):
+            # UTF-8 is at most 4 bytes a character: most texts need no encoding to pass.
+            if len(text) * 4 > limit and len(text.encode("utf-8", "surrogatepass")) > limit:
+                raise TextTooLong(f"texts[{index}] is over {limit} bytes", index=index, limit=limit)
+        manifest = self.embedder.manifest
+        dims = args.dimensions
+        if dims is not None and dims != self.embedder.dims and dims not in manifest.matryoshka_dims:
+            allowed = sorted(set(manifest.matryoshka_dims) | {self.embedder.dims})
+            raise DimensionsNotSupported(
+                f"model {manifest.name!r} cannot give {dims} dimensions (supported: {allowed})",
+                allowed=allowed,
+            )
+        if args.instruction is not None:
+            template = manifest.query_template if args.kind == "query" else manifest.document_template
+            if not template or "{task}" not in template:
+                raise InvalidArgument(
+                    f"model {manifest.name!r} takes no instruction for {args.kind} texts",
+                    argument="instruction",
+                )
+
+    async def _embed(self, args: EmbedArgs) -> dict[str, Any]:
+        if self._closing:
+            raise ShuttingDown("the daemon is shutting down")
+        self._check_model_limits(args)
+        if len(self._queue) >= self.config.max_queue:
+            self.overloaded += 1
+            raise Overloaded(
+                f"{len(self._queue)} embed requests are queued; retry later",
+                limit=self.config.max_queue,
+            )
+        assert self._wakeup is not None, "Service.start() was not called"
+        job = _Job(args, asyncio.get_running_loop().create_future(), time.monotonic())
+        self._queue.append(job)
+        self._queued_texts += len(args.texts)
+        self.embed_requests += 1
+        self._wakeup.set()
+        return await job.future
+
+    async def _batch_loop(self) -> None:
+        assert self._wakeup is not None
+        window = self.config.batch_window_s
+        while True:
+            while not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            # Wait out the rest of the first request's window unless the budget is already met;
+            # requests that queued while the engine was busy have waited long enough.
+            delay = self._queue[0].enqueued + window - time.monotonic()
+            if delay > 0 and self._queued_texts < self.config.batch_max_texts:
+                await asyncio.sleep(delay)
+            batch = self._take_batch()
+            if batch:
+                await self._run_batch(batch)
+
+    def _take_batch(self) -> list[_Job]:
+        """FIFO by first request; later requests join it when their options match."""
+        batch: list[_Job] = []
+        rest: deque[_Job] = deque()
+        key = None
+        texts = 0
+        while self._queue:
+            job = self._queue.popleft()
+            if job.future.done():  # the caller went away (connection closed): skip the work
+                self._queued_texts -= len(job.args.texts)
+                continue
+            size = len(job.args.texts)
+            if key is None:
+                key = job.args.batch_key
+            elif job.args.batch_key != key or texts + size > self.config.batch_max_texts:
+                rest.append(job)
+                continue
+            batch.append(job)
+            texts += size
+            self._queued_texts -= size
+        self._queue = rest
+        return batch
+
+    async def _run_batch(self, batch: list[_Job]) -> None:
+        args = batch[0].args
+        texts = [text for job in batch for text in job.args.texts]
+        call = functools.partial(
+            self.embedder.embed,
+            texts,
+            kind=args.kind,  # type: ignore[arg-type]
+            instruction=args.instruction,
+            dimensions=args.dimensions,
+            long_text=args.long_text,  # type: ignore[arg-type]
+        )
+        self.engine_calls += 1
+        started = time.perf_counter()
+        try:
+            embeddings: Embeddings = await asyncio.get_running_loop().run_in_executor(
+                self._caller, call
+            )
+        except asyncio.CancelledError:
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(ShuttingDown("the daemon is shutting down"))
+            raise
+        except InvalidArgument as exc:
+            if len(batch) > 1:
+                # Only the engine can find some input errors (a text with no tokens, one over
+                # max_tokens with long_text="error"). Run each request alone so only its sender
+                # sees the error, with indices into its own texts.
+                log.info("%s", kv(event="batch_split", requests=len(batch), code=exc.code.name))
+                for job in batch:
+                    await self._run_batch([job])
+                return
+            self._fail(batch, exc)
+            return
+        except EdgeAgentError as exc:
+            self._fail(batch, exc)
+            return
+        except Exception as exc:  # a bug in the engine layer: report it, keep serving
+            log.exception("%s", kv(event="embed_failed", texts=len(texts)))
+            self._fail(batch, EdgeAgentError(f"internal error: {type(exc).__name__}"))
+            return
+        finally:
+            elapsed = time.perf_counter() - started
+            self.engine_busy_s += elapsed
+        self.embedded_texts += len(texts)
+        self.batch_texts.add(len(texts))
+        log.debug(
+            "%s",
+            kv(event="batch", requests=len(batch), texts=len(texts), ms=elapsed * 1000),
+        )
+        offset = 0
+        for job in batch:
+            end = offset + len(job.args.texts)
+            if not job.future.done():
+                job.future.set_result(
+                    encode_embed_result(
+                        embeddings.vectors[offset:end],
+                        embeddings.token_counts[offset:end],
+                        embeddings.truncated[offset:end],
+                        embeddings.chunks[offset:end],
+                        embeddings.model,
+                        embeddings.quant,
+                    )
+                )
+            offset = end
+
+    @staticmethod
+    def _fail(batch: list[_Job], exc: EdgeAgentError) -> None:
+        for job in batch:
+            if not job.future.done():
+                job.future.set_exception(exc)
+

@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # Stamp files make re-runs cheap; they are redone when the inputs change.
 STAMP  := $(VENV)/.stamps
 
-.PHONY: run test soak lint bench venv deps model clean
+.PHONY: run test lint bench venv deps model clean
 
 run: deps model
 	$(VENV)/bin/edge-agent serve
@@ -17,9 +17,6 @@ test: deps $(STAMP)/test-deps
 
 lint: $(STAMP)/test-deps
 	$(VENV)/bin/ruff check edge_agent tests bench packaging
-
-soak: deps $(STAMP)/test-deps
-	EDGE_AGENT_SOAK=1 $(PY) -m pytest -q tests -m slow
 
 bench: deps $(STAMP)/bench-deps model
 	$(PY) bench/embed_quality.py

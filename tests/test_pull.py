@@ -23,9 +23,8 @@ from edge_agent.errors import (
     InvalidArgument,
     ModelFileError,
 )
-from edge_agent.models import DEFAULT_MODEL, GgufInfo, ModelStore, read_gguf_info
+from edge_agent.models import DEFAULT_MODEL, ModelStore
 from edge_agent.models import pull as pull_module
-from edge_agent.models import store as store_module
 from edge_agent.models.pull import pull_gguf
 
 SENTENCE = "A man is playing a guitar on a sunny afternoon."
@@ -147,24 +146,6 @@ def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pull_module, "RETRY_BACKOFF_S", 0.0)
 
 
-_INFO_CACHE: dict[str, GgufInfo] = {}
-
-
-@pytest.fixture(autouse=True)
-def _parse_each_gguf_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    # gguf's reader decodes the whole 30k-token vocabulary (about 2 s on a busy 2-core box) and
-    # almost every test here imports the same bytes: parse them for real once, then answer from
-    # a cache keyed by the file's digest, so the result is exactly what a parse would return.
-    def cached(path: Path) -> GgufInfo:
-        key = hashlib.sha256(path.read_bytes()).hexdigest()
-        if key not in _INFO_CACHE:
-            _INFO_CACHE[key] = read_gguf_info(path)
-        return _INFO_CACHE[key]
-
-    monkeypatch.setattr(store_module, "read_gguf_info", cached)
-    monkeypatch.setattr(pull_module, "read_gguf_info", cached)
-
-
 @pytest.fixture(scope="session")
 def gguf_bytes(model_store: ModelStore) -> bytes:
     return model_store.resolve(DEFAULT_MODEL, "Q8_0").path.read_bytes()
@@ -214,9 +195,10 @@ def test_pull_registers_a_model_that_embeds_like_the_source(
     assert "range" not in server.behaviour.requests[0]
 
     config = EmbedderConfig(threads=2)
-    with Embedder(store.resolve("minilm"), config) as pulled, Embedder.open(
-        model_store, DEFAULT_MODEL, "Q8_0", config
-    ) as source:
+    with (
+        Embedder(store.resolve("minilm"), config) as pulled,
+        Embedder.open(model_store, DEFAULT_MODEL, "Q8_0", config) as source,
+    ):
         a = pulled.embed([SENTENCE]).vectors[0]
         b = source.embed([SENTENCE]).vectors[0]
     cosine = float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import gguf
 
@@ -26,15 +27,75 @@ class GgufInfo:
     quant: str  # "F32", "Q8_0", ... (from general.file_type)
 
 
-def _field_value(reader: gguf.GGUFReader, key: str) -> Any:
-    field = reader.get_field(key)
-    if field is None:
-        return None
-    if field.types and field.types[0] == gguf.GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
-    if len(field.data) == 1:
-        return field.parts[field.data[0]].tolist()[0]
-    return [field.parts[i].tolist()[0] for i in field.data]
+# GGUF value types with a fixed size (little-endian struct formats); 8 is string, 9 array.
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_MAX_STRING = 1 << 20  # keys and the values we keep are short; more means a corrupt file
+
+
+def _header_values(handle: IO[bytes], wanted: set[str]) -> dict[str, Any]:
+    """The wanted scalar and string key/values of a GGUF v2/v3 header, skipping the rest.
+
+    gguf.GGUFReader decodes every field, the tokenizer's ~30k-entry arrays included, which
+    takes seconds; skipping them takes milliseconds. Raises ValueError on anything malformed.
+    """
+
+    def read(size: int) -> bytes:
+        data = handle.read(size)
+        if len(data) != size:
+            raise ValueError("truncated header")
+        return data
+
+    def unpack(fmt: str) -> Any:
+        return struct.unpack(fmt, read(struct.calcsize(fmt)))[0]
+
+    def string() -> str:
+        size = unpack("<Q")
+        if size > _MAX_STRING:
+            raise ValueError(f"string of {size} bytes in the header")
+        return read(size).decode("utf-8", errors="replace")
+
+    def skip(vtype: int) -> None:
+        if vtype in _SCALARS:
+            handle.seek(struct.calcsize(_SCALARS[vtype]), 1)
+        elif vtype == 8:
+            handle.seek(unpack("<Q"), 1)  # a seek past the end fails at the next read
+        elif vtype == 9:
+            item, count = unpack("<I"), unpack("<Q")
+            if item in _SCALARS:
+                handle.seek(struct.calcsize(_SCALARS[item]) * count, 1)
+            else:
+                for _ in range(count):
+                    skip(item)
+        else:
+            raise ValueError(f"unknown value type {vtype}")
+
+    version = unpack("<I")
+    if version not in (2, 3):
+        raise ValueError(f"unsupported GGUF version {version}")
+    unpack("<Q")  # tensor count
+    values: dict[str, Any] = {}
+    for _ in range(unpack("<Q")):
+        key = string()
+        vtype = unpack("<I")
+        if key in wanted and vtype == 8:
+            values[key] = string()
+        elif key in wanted and vtype in _SCALARS:
+            values[key] = unpack(_SCALARS[vtype])
+        else:
+            skip(vtype)
+    return values
 
 
 def quant_name(file_type: int | None) -> str:
@@ -52,26 +113,30 @@ def read_gguf_info(path: Path) -> GgufInfo:
     try:
         with path.open("rb") as handle:
             magic = handle.read(4)
+            if magic != GGUF_MAGIC:
+                raise ModelFileError(f"{path} is not a GGUF file (magic {magic!r})", path=str(path))
+            try:
+                values = _header_values(handle, {"general.architecture"})
+                arch = values.get("general.architecture")
+                if not isinstance(arch, str):
+                    raise ModelFileError(f"{path}: no general.architecture", path=str(path))
+                handle.seek(4)
+                keys = ("embedding_length", "context_length", "pooling_type")
+                values = _header_values(
+                    handle,
+                    {"general.name", "general.file_type", *(f"{arch}.{k}" for k in keys)},
+                )
+            except (ValueError, struct.error, OverflowError) as exc:
+                raise ModelFileError(
+                    f"{path}: malformed GGUF header ({exc})", path=str(path)
+                ) from exc
     except OSError as exc:
         raise ModelFileError(f"cannot read {path}: {exc}", path=str(path)) from exc
-    if magic != GGUF_MAGIC:
-        raise ModelFileError(f"{path} is not a GGUF file (magic {magic!r})", path=str(path))
-    try:
-        reader = gguf.GGUFReader(path)
-        arch = _field_value(reader, "general.architecture")
-        if not isinstance(arch, str):
-            raise ModelFileError(f"{path}: no general.architecture", path=str(path))
-        dims = _field_value(reader, f"{arch}.embedding_length")
-        context = _field_value(reader, f"{arch}.context_length")
-        pooling = _field_value(reader, f"{arch}.pooling_type")
-        name = _field_value(reader, "general.name")
-        file_type = _field_value(reader, "general.file_type")
-    except ModelFileError:
-        raise
-    except Exception as exc:  # the gguf reader raises many kinds on malformed input
-        raise ModelFileError(
-            f"{path}: malformed GGUF ({type(exc).__name__}: {exc})", path=str(path)
-        ) from exc
+    dims = values.get(f"{arch}.embedding_length")
+    context = values.get(f"{arch}.context_length")
+    pooling = values.get(f"{arch}.pooling_type")
+    name = values.get("general.name")
+    file_type = values.get("general.file_type")
     if not isinstance(dims, int) or not isinstance(context, int):
         raise ModelFileError(
             f"{path}: missing {arch}.embedding_length/context_length", path=str(path)

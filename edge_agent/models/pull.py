@@ -71,11 +71,13 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
         headers: Any,
         newurl: str,
     ) -> urllib.request.Request | None:
-        scheme = urllib.parse.urlsplit(newurl).scheme.lower()
-        if scheme not in ("http", "https"):
+        target = urllib.parse.urlsplit(newurl)
+        scheme = target.scheme.lower()
+        # "@" for the same reason pull_gguf refuses it: urllib would resolve "user:pw@host".
+        if scheme not in ("http", "https") or "@" in target.netloc:
             raise DownloadError(
-                f"{_redact(req.full_url)} redirects to a {scheme or 'scheme-less'} URL;"
-                " only http and https are followed",
+                f"{_redact(req.full_url)} redirects to {_redact(newurl)};"
+                " only http and https URLs without credentials are followed",
                 url=_redact(req.full_url),
                 status=code,
                 reason=f"redirect to {scheme or 'no scheme'}",
@@ -177,9 +179,7 @@ class _Download:
     """One part file being brought to completion; ``offset`` and ``digest`` always describe
     exactly the bytes on disk, so the final digest needs no second read of the file."""
 
-    def __init__(
-        self, url: str, part: Path, expected: str, timeout: float, max_bytes: int
-    ) -> None:
+    def __init__(self, url: str, part: Path, expected: str, timeout: float, max_bytes: int) -> None:
         self.url = url
         self.label = _redact(url)
         self.part = part
@@ -240,7 +240,11 @@ class _Download:
                 delay = min(RETRY_BACKOFF_S * 2 ** (failures - 1), RETRY_BACKOFF_MAX_S)
                 log.warning(
                     "%s (attempt %d of %d; resuming at byte %d in %.1fs)",
-                    exc.error.message, failures, retries + 1, self.offset, delay,
+                    exc.error.message,
+                    failures,
+                    retries + 1,
+                    self.offset,
+                    delay,
                 )
                 time.sleep(delay)
         raise DownloadError(

@@ -1,0 +1,123 @@
+"""The daemon: options in, a serving socket out, a clean stop on SIGTERM/SIGINT.
+
+``serve`` is what the CLI calls (blocking, signal-driven); ``run_server`` is the same thing as a
+coroutine stopped by an event, for tests and embedding in another event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .embedder import Embedder, EmbedderConfig
+from .models import DEFAULT_MODEL, ModelStore
+from .protocol import Limits
+from .server import Server, check_socket_free
+from .service import Service, ServiceConfig, kv
+
+__all__ = ["ServeOptions", "run_server", "serve"]
+
+log = logging.getLogger("edge_agent.app")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    socket_path: Path
+    models_dir: Path
+    model: str = DEFAULT_MODEL
+    quant: str | None = None
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    max_message_bytes: int = 8 << 20
+    max_connections: int = 64
+    max_queue: int = 256
+    # How long a stop waits for in-flight requests before answering them SHUTTING_DOWN.
+    shutdown_grace: float = 10.0
+
+
+async def run_server(
+    options: ServeOptions,
+    stop: asyncio.Event,
+    ready: Callable[[str], None] | None = None,
+) -> None:
+    """Load the model, serve until ``stop`` is set, then shut down gracefully.
+
+    ``ready(address)`` is called once the socket accepts connections. Raises AlreadyRunning if
+    another daemon listens on the socket, ModelNotFound etc. if the model cannot be loaded.
+    """
+    socket_path = Path(options.socket_path).expanduser()
+    # Fail before spending seconds on the model when another daemon already has the socket.
+    check_socket_free(socket_path)
+    limits = Limits(max_message_bytes=options.max_message_bytes)
+    store = ModelStore(Path(options.models_dir).expanduser())
+    embedder = await asyncio.to_thread(
+        Embedder.open, store, options.model, options.quant, options.embedder
+    )
+    log.info(
+        "%s",
+        kv(event="model_loaded", model=embedder.model_name, quant=embedder.quant,
+           dims=embedder.dims, threads=embedder.threads),
+    )
+    try:
+        service = Service(embedder, ServiceConfig(max_queue=options.max_queue))
+    except BaseException:
+        embedder.close()
+        raise
+    server = Server(
+        service, socket_path, limits=limits, max_connections=options.max_connections
+    )
+    try:
+        await service.start()
+        await server.start()
+        if not stop.is_set() and ready is not None:
+            ready(server.address)
+        await stop.wait()
+        log.info("%s", kv(event="stopping", grace_s=options.shutdown_grace))
+    finally:
+        await server.shutdown(options.shutdown_grace)
+        await service.close(options.shutdown_grace)
+
+
+def serve(options: ServeOptions, ready: Callable[[str], None] | None = None) -> None:
+    """Run the daemon until SIGINT or SIGTERM (handlers are installed only on the main thread;
+    elsewhere stop it by signalling the process or use ``run_server``)."""
+
+    def announce(address: str) -> None:
+        socket_arg = shlex.quote(str(Path(options.socket_path).expanduser()))
+        print(f"edge-agent listening on {address}")
+        print(f'try: edge-agent embed --socket {socket_arg} "hello world"')
+        sys.stdout.flush()
+        if ready is not None:
+            ready(address)
+
+    asyncio.run(_serve_until_signal(options, announce))
+
+
+async def _serve_until_signal(options: ServeOptions, ready: Callable[[str], None]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+
+    def on_signal(signum: signal.Signals) -> None:
+        log.info("%s", kv(event="signal", signal=signum.name))
+        stop.set()
+        # A second signal gets the default behaviour, so a stuck shutdown can still be killed.
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        installed.clear()
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+            installed.append(sig)
+    try:
+        await run_server(options, stop, ready)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)

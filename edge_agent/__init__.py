@@ -23,15 +23,21 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from .client import AsyncClient, Client
     from .embedder import Embedder, EmbedderConfig, Embeddings
     from .models import ModelStore
+    from .protocol import EmbedResult
+    from .worker import ProcessEmbedder
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncClient",
+    "Client",
     "DimensionsNotSupported",
     "DownloadError",
     "EdgeAgentError",
+    "EmbedResult",
     "Embedder",
     "EmbedderConfig",
     "Embeddings",
@@ -43,11 +49,16 @@ __all__ = [
     "ModelFileError",
     "ModelNotFound",
     "ModelStore",
+    "ProcessEmbedder",
     "TextTooLong",
     "__version__",
 ]
 
 _LAZY = {
+    "AsyncClient": "client",
+    "Client": "client",
+    "EmbedResult": "protocol",
+    "ProcessEmbedder": "worker",
     "Embedder": "embedder",
     "EmbedderConfig": "embedder",
     "Embeddings": "embedder",

@@ -21,6 +21,7 @@ from .models import DEFAULT_MODEL, ModelStore
 from .protocol import Limits
 from .server import Server, check_socket_free
 from .service import Service, ServiceConfig, kv
+from .worker import ProcessEmbedder
 
 __all__ = ["ServeOptions", "run_server", "serve"]
 
@@ -39,6 +40,9 @@ class ServeOptions:
     max_queue: int = 256
     # How long a stop waits for in-flight requests before answering them SHUTTING_DOWN.
     shutdown_grace: float = 10.0
+    # Run llama.cpp in a child process (edge_agent.worker): an engine abort then fails the
+    # requests in flight and restarts the child instead of killing the daemon.
+    isolate_engine: bool = True
 
 
 async def run_server(
@@ -56,8 +60,9 @@ async def run_server(
     check_socket_free(socket_path)
     limits = Limits(max_message_bytes=options.max_message_bytes)
     store = ModelStore(Path(options.models_dir).expanduser())
+    opener = ProcessEmbedder.open if options.isolate_engine else Embedder.open
     embedder = await asyncio.to_thread(
-        Embedder.open, store, options.model, options.quant, options.embedder
+        opener, store, options.model, options.quant, options.embedder
     )
     log.info(
         "%s",

@@ -122,6 +122,18 @@ def _fatal_from_notification(message: Notification) -> ProtocolError | None:
     return BadResponse(f"the daemon closed the connection: {exc}")
 
 
+def _check_hello(result: Any) -> dict[str, Any]:
+    if not isinstance(result, dict):
+        raise BadResponse("hello result is not a map")
+    if result.get("protocol") != PROTOCOL_VERSION:
+        raise BadResponse(
+            f"the daemon speaks protocol {result.get('protocol')!r}; this client speaks"
+            f" {PROTOCOL_VERSION}",
+            protocol=result.get("protocol"),
+        )
+    return result
+
+
 class Client:
     """Blocking client; one connection, one call at a time (thread-safe by a lock).
 
@@ -227,6 +239,11 @@ class Client:
         except TimeoutError:
             raise RequestTimeout(f"sending {method} timed out") from None
         except OSError as exc:
+            # A daemon that refuses a connection (too many, shutting down) says why, then
+            # closes: our send fails, but its reason is already in our receive buffer.
+            fatal = self._buffered_fatal(sock)
+            if fatal is not None:
+                raise fatal from None
             raise ConnectionFailed(f"connection to {self.socket_path} broke: {exc}") from exc
         decoder = self._decoder
         assert decoder is not None
@@ -252,10 +269,31 @@ class Client:
                 raise ConnectionFailed(f"the daemon at {self.socket_path} closed the connection")
             decoder.feed(data)
 
+    def _buffered_fatal(self, sock: socket.socket) -> ProtocolError | None:
+        decoder = self._decoder
+        if decoder is None:
+            return None
+        with contextlib.suppress(OSError, ProtocolError):
+            sock.setblocking(False)
+            while data := sock.recv(min(_READ_CHUNK, max(decoder.room(), 1))):
+                decoder.feed(data)
+        with contextlib.suppress(ProtocolError):
+            for obj in decoder:
+                message = _read_message(obj)
+                if isinstance(message, Notification):
+                    fatal = _fatal_from_notification(message)
+                    if fatal is not None:
+                        return fatal
+        return None
+
     # -- methods ------------------------------------------------------------------------------
 
     def hello(self) -> dict[str, Any]:
-        return self.call("hello", {"client": CLIENT_NAME, "protocol": PROTOCOL_VERSION})
+        """The daemon's identity, model, capabilities and limits (BadResponse if it speaks
+        another protocol version)."""
+        return _check_hello(
+            self.call("hello", {"client": CLIENT_NAME, "protocol": PROTOCOL_VERSION})
+        )
 
     def embed(
         self,
@@ -352,7 +390,9 @@ class AsyncClient:
 
     async def _read_loop(self, conn: _AsyncConnection) -> None:
         decoder = Decoder(self._limits)
-        error: Exception = ConnectionFailed(f"the daemon at {self.socket_path} closed the connection")
+        error: Exception = ConnectionFailed(
+            f"the daemon at {self.socket_path} closed the connection"
+        )
         try:
             while True:
                 data = await conn.reader.read(min(_READ_CHUNK, max(decoder.room(), 1)))
@@ -384,8 +424,10 @@ class AsyncClient:
             future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
             conn.pending[msgid] = future
             try:
-                conn.writer.write(encode_request(msgid, method, args))
-                response = await asyncio.wait_for(self._send_and_wait(conn, future), self.timeout)
+                payload = encode_request(msgid, method, args)
+                response = await asyncio.wait_for(
+                    self._send_and_wait(conn, future, payload), self.timeout
+                )
             except asyncio.TimeoutError:
                 conn.pending.pop(msgid, None)  # a late reply is dropped by msgid
                 raise RequestTimeout(f"{method} timed out after {self.timeout}s") from None
@@ -394,26 +436,33 @@ class AsyncClient:
                 if not fresh and attempt + 1 < attempts:
                     continue
                 raise
-            except OSError as exc:
-                conn.pending.pop(msgid, None)
-                self._fail(conn, ConnectionFailed(str(exc)))
-                if not fresh and attempt + 1 < attempts:
-                    continue
-                raise ConnectionFailed(f"connection to {self.socket_path} broke: {exc}") from exc
             if response.error is not None:
                 raise error_from_wire(response.error)
             return response.result
         raise AssertionError("unreachable")
 
-    @staticmethod
-    async def _send_and_wait(conn: _AsyncConnection, future: asyncio.Future[Response]) -> Response:
-        await conn.writer.drain()
+    async def _send_and_wait(
+        self, conn: _AsyncConnection, future: asyncio.Future[Response], payload: bytes
+    ) -> Response:
+        try:
+            conn.writer.write(payload)
+            await conn.writer.drain()
+        except OSError as exc:
+            # A daemon that refuses a connection says why before closing: let the reader task
+            # deliver that reason to this future before settling for a generic failure.
+            if conn.reader_task is not None:
+                await asyncio.wait({conn.reader_task}, timeout=1.0)
+            if not future.done():
+                error = ConnectionFailed(f"connection to {self.socket_path} broke: {exc}")
+                self._fail(conn, error)
         return await future
 
     # -- methods ------------------------------------------------------------------------------
 
     async def hello(self) -> dict[str, Any]:
-        return await self.call("hello", {"client": CLIENT_NAME, "protocol": PROTOCOL_VERSION})
+        return _check_hello(
+            await self.call("hello", {"client": CLIENT_NAME, "protocol": PROTOCOL_VERSION})
+        )
 
     async def embed(
         self,

@@ -2,7 +2,8 @@
 
 Codes are part of the wire protocol (docs/protocol.md): never renumber, only add. They are
 grouped by what the caller can do about them: fix the request (1xx), fix the setup (2xx),
-retry later (3xx), or report a bug (5xx).
+retry later (3xx), or report a bug (5xx). Protocol-level codes (4xx) live in
+edge_agent/protocol.py (``ProtocolCode``); 45x are client-side only and never on the wire.
 """
 
 from __future__ import annotations

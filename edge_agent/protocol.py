@@ -19,7 +19,6 @@ import msgpack
 import numpy as np
 
 from .errors import (
-    DimensionsNotSupported,
     EdgeAgentError,
     EmptyText,
     InvalidArgument,
@@ -258,7 +257,11 @@ class Decoder:
                 # length over a limit, FormatError, StackError, UnicodeDecodeError, ...):
                 # the stream cannot be resynchronised, so the connection must go.
                 self._broken = True
-                raise MalformedFrame(f"undecodable message: {type(exc).__name__}") from None
+                if isinstance(exc, UnicodeDecodeError):
+                    reason = "a str is not valid UTF-8"  # its text may be a document's: not shown
+                else:
+                    reason = f"{type(exc).__name__}: {exc}"[:160]
+                raise MalformedFrame(f"undecodable message ({reason})") from None
             self._message_start = self._unpacker.tell()
             yield obj
 
@@ -470,13 +473,15 @@ class EmbedArgs:
                 argument="long_text",
             )
         instruction = args.get("instruction")
-        if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
+        if instruction is not None and (
+            not isinstance(instruction, str) or not instruction.strip()
+        ):
             raise InvalidArgument("instruction must be a non-empty string", argument="instruction")
         dimensions = args.get("dimensions")
-        if dimensions is not None and (not _is_int(dimensions) or dimensions < 1):
-            raise DimensionsNotSupported(
-                f"dimensions must be a positive integer, got {dimensions!r:.50}",
-                argument="dimensions",
+        # Whether the model supports the size is the service's check (DIMENSIONS_NOT_SUPPORTED).
+        if dimensions is not None and not _is_int(dimensions):
+            raise InvalidArgument(
+                f"dimensions must be an integer, got {dimensions!r:.50}", argument="dimensions"
             )
         return cls(texts, kind, instruction, dimensions, long_text)
 
@@ -559,7 +564,9 @@ class EmbedResult:
                 raise BadResponse(f"embed result {name} is not a list of {count}")
         if not isinstance(model, str) or not isinstance(quant, str):
             raise BadResponse("embed result model and quant must be strings")
-        known = {"vectors", "dims", "count", "token_counts", "truncated", "chunks", "model", "quant"}
+        known = {
+            "vectors", "dims", "count", "token_counts", "truncated", "chunks", "model", "quant",
+        }
         return cls(
             vectors=vectors,
             dims=result["dims"],

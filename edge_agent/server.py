@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,7 +233,9 @@ class Server:
 
     # -- connections --------------------------------------------------------------------------
 
-    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         conn_id = next(self._ids)
         if self._closing or len(self._connections) >= self.max_connections:
             self.rejected += 1
@@ -294,7 +297,8 @@ class Server:
             log.warning(
                 "%s", kv(event="protocol_error", conn=conn.id, code=fatal.code.name, error=fatal)
             )
-            await conn.send(encode_notification(ERROR_NOTIFICATION, {"error": error_to_wire(fatal)}))
+            notice = encode_notification(ERROR_NOTIFICATION, {"error": error_to_wire(fatal)})
+            await conn.send(notice)
             # Replies still being computed would follow an error that ended the conversation.
             conn.broken = True
             for task in conn.tasks:
@@ -324,6 +328,7 @@ class Server:
             log.debug("%s", kv(event="response_ignored", conn=conn.id, msgid=message.msgid))
 
     async def _handle(self, conn: _Connection, request: Request) -> None:
+        started = time.perf_counter()
         try:
             if self._closing:
                 raise ShuttingDown("the daemon is shutting down")
@@ -343,7 +348,14 @@ class Server:
             error = error_to_wire(EdgeAgentError(f"internal error: {type(exc).__name__}"))
             payload = encode_response(request.msgid, error, None)
         log.debug(
-            "%s", kv(event="request", conn=conn.id, msgid=request.msgid, method=request.method[:80])
+            "%s",
+            kv(
+                event="request",
+                conn=conn.id,
+                msgid=request.msgid,
+                method=request.method[:80],
+                ms=(time.perf_counter() - started) * 1000,
+            ),
         )
         await conn.send(payload)
 

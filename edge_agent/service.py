@@ -38,6 +38,7 @@ from .protocol import (
     encode_embed_result,
     named_args,
 )
+from .worker import ProcessEmbedder
 
 __all__ = ["Reservoir", "Service", "ServiceConfig", "kv", "server_version"]
 
@@ -46,7 +47,7 @@ log = logging.getLogger("edge_agent.service")
 Handler = Callable[[Any], Awaitable[Any]]
 
 
-class kv:  # noqa: N801  (used like a function: log.info("%s", kv(event="x", n=1)))
+class kv:  # lower case: used like a function, log.info("%s", kv(event="x", n=1))
     """key=value log fields, formatted only if the record is emitted.
 
     Values are ours (counts, names, timings), never document text: callers pass lengths.
@@ -140,7 +141,9 @@ class _Job:
 class Service:
     """Owns the Embedder (closing the service closes it) and answers every RPC method."""
 
-    def __init__(self, embedder: Embedder, config: ServiceConfig | None = None) -> None:
+    def __init__(
+        self, embedder: Embedder | ProcessEmbedder, config: ServiceConfig | None = None
+    ) -> None:
         self.embedder = embedder
         self.config = config or ServiceConfig()
         # Limits and counters a transport reports through hello / health / stats.
@@ -262,7 +265,8 @@ class Service:
             "quant": self.embedder.quant,
             "dims": self.embedder.dims,
             "max_tokens": self.embedder.max_tokens,
-            "matryoshka_dims": sorted(set(manifest.matryoshka_dims) | {self.embedder.dims}),
+            # Every value embed's "dimensions" accepts (the full size included).
+            "supported_dimensions": sorted(set(manifest.matryoshka_dims) | {self.embedder.dims}),
             "kinds": list(KINDS),
             "long_text_modes": list(LONG_TEXT_MODES),
             "instruction_kinds": [k for k, t in templates.items() if t and "{task}" in t],
@@ -332,7 +336,9 @@ class Service:
                 allowed=allowed,
             )
         if args.instruction is not None:
-            template = manifest.query_template if args.kind == "query" else manifest.document_template
+            template = (
+                manifest.query_template if args.kind == "query" else manifest.document_template
+            )
             if not template or "{task}" not in template:
                 raise InvalidArgument(
                     f"model {manifest.name!r} takes no instruction for {args.kind} texts",

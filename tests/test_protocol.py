@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from edge_agent import errors
 from edge_agent.errors import (
-    DimensionsNotSupported,
     EdgeAgentError,
     EmptyText,
     ErrorCode,
@@ -240,9 +239,9 @@ def test_embed_arguments_and_defaults() -> None:
         ({"texts": ["ok"], "kind": "passage"}, InvalidArgument),
         ({"texts": ["ok"], "long_text": "wrap"}, InvalidArgument),
         ({"texts": ["ok"], "instruction": ""}, InvalidArgument),
-        ({"texts": ["ok"], "dimensions": "64"}, DimensionsNotSupported),
-        ({"texts": ["ok"], "dimensions": 0}, DimensionsNotSupported),
-        ({"texts": ["ok"], "dimensions": True}, DimensionsNotSupported),
+        ({"texts": ["ok"], "dimensions": "64"}, InvalidArgument),
+        ({"texts": ["ok"], "dimensions": 1.5}, InvalidArgument),
+        ({"texts": ["ok"], "dimensions": True}, InvalidArgument),
         ({"texts": ["ok"], "dimension": 64}, InvalidArgument),
     ],
 )
@@ -398,7 +397,11 @@ def test_fuzz_random_bytes_raise_only_typed_errors(data: bytes, chunk: int) -> N
 
 
 _values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=20)
     | st.binary(max_size=20),
     lambda children: st.lists(children, max_size=5)
     | st.dictionaries(st.text(max_size=8), children, max_size=5),

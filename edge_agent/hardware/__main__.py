@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .build_flags import llama_cmake_args
 from .cpu import probe_cpu
+from .host import UnsupportedPlatform, describe_host, probe_host
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,27 +17,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path("/"), help="replay a captured tree")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--cmake-args", action="store_true", help="llama.cpp CMake flags")
-    group.add_argument("--json", action="store_true", help="the probe as JSON")
+    group.add_argument("--json", action="store_true", help="the whole host probe as JSON")
     options = parser.parse_args(argv)
-    cpu = probe_cpu(options.root)
     if options.cmake_args:
-        print(" ".join(llama_cmake_args(cpu)))
-    elif options.json:
-        print(
-            json.dumps(
-                {
-                    "system": cpu.system,
-                    "arch": cpu.arch,
-                    "model_name": cpu.model_name,
-                    "logical_cores": cpu.logical_cores,
-                    "flags": sorted(cpu.flags),
-                },
-                indent=2,
-            )
-        )
+        # The build only needs the CPU, which is also known on systems probe_host refuses.
+        print(" ".join(llama_cmake_args(probe_cpu(options.root))))
+        return 0
+    try:
+        host = probe_host(options.root)
+    except UnsupportedPlatform as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    if options.json:
+        print(json.dumps(host.to_json(), indent=2))
     else:
-        print(f"{cpu.system} {cpu.arch} {cpu.model_name or 'unknown CPU'}")
-        print("llama.cpp flags:", " ".join(llama_cmake_args(cpu)))
+        print(describe_host(host))
+        print("llama.cpp flags:", " ".join(llama_cmake_args(host.cpu)))
     return 0
 
 

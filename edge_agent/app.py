@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -66,17 +68,20 @@ async def run_server(
     )
     log.info(
         "%s",
-        kv(event="model_loaded", model=embedder.model_name, quant=embedder.quant,
-           dims=embedder.dims, threads=embedder.threads),
+        kv(
+            event="model_loaded",
+            model=embedder.model_name,
+            quant=embedder.quant,
+            dims=embedder.dims,
+            threads=embedder.threads,
+        ),
     )
     try:
         service = Service(embedder, ServiceConfig(max_queue=options.max_queue))
     except BaseException:
         embedder.close()
         raise
-    server = Server(
-        service, socket_path, limits=limits, max_connections=options.max_connections
-    )
+    server = Server(service, socket_path, limits=limits, max_connections=options.max_connections)
     try:
         await service.start()
         await server.start()
@@ -89,6 +94,20 @@ async def run_server(
         await service.close(options.shutdown_grace)
 
 
+def _own_command() -> str:
+    """How the user can run this same edge-agent: plain ``edge-agent`` when that is what PATH
+    finds, else the path we were started from (e.g. .venv/bin/edge-agent under ``make run``)."""
+    started_as = Path(sys.argv[0])
+    if started_as.name == "edge-agent":
+        on_path = shutil.which("edge-agent")
+        if on_path and Path(on_path).resolve() == started_as.resolve():
+            return "edge-agent"
+        return shlex.quote(
+            os.path.relpath(started_as) if not started_as.is_absolute() else str(started_as)
+        )
+    return "edge-agent"
+
+
 def serve(options: ServeOptions, ready: Callable[[str], None] | None = None) -> None:
     """Run the daemon until SIGINT or SIGTERM (handlers are installed only on the main thread;
     elsewhere stop it by signalling the process or use ``run_server``)."""
@@ -96,7 +115,7 @@ def serve(options: ServeOptions, ready: Callable[[str], None] | None = None) -> 
     def announce(address: str) -> None:
         socket_arg = shlex.quote(str(Path(options.socket_path).expanduser()))
         print(f"edge-agent listening on {address}")
-        print(f'try: edge-agent embed --socket {socket_arg} "hello world"')
+        print(f'try: {_own_command()} embed --socket {socket_arg} "hello world"')
         sys.stdout.flush()
         if ready is not None:
             ready(address)

@@ -23,14 +23,17 @@ __all__ = ["Engine", "EngineSettings", "route_engine_logs"]
 log = logging.getLogger("edge_agent.engine")
 _engine_log = logging.getLogger("edge_agent.llama_cpp")
 
-# ggml_log_level: 1 info, 2 warn, 3 error, 4 debug, 5 continuation.
-_LEVELS = {1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+# ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous line's level.
+_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_last_level = [logging.DEBUG]
 
 
 @llama_cpp.llama_log_callback
 def _log_callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
-    # llama.cpp is chatty (every tensor on load): route it to a logger, debug unless an error.
-    python_level = _LEVELS.get(level, logging.DEBUG)
+    # llama.cpp is chatty (every tensor on load, expected quantization fallbacks): everything
+    # but its errors goes to debug.
+    python_level = _last_level[0] if level == 5 else _LEVELS.get(level, logging.DEBUG)
+    _last_level[0] = python_level
     if python_level < logging.ERROR:
         python_level = logging.DEBUG
     if _engine_log.isEnabledFor(python_level):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,11 @@ def default_paths(environ: dict[str, str] | None = None) -> Paths:
     else:
         data = Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
         cache = Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
-        runtime = Path(platformdirs.user_runtime_dir(APP_NAME, appauthor=False))
+        with warnings.catch_warnings():
+            # Without XDG_RUNTIME_DIR (containers, su, cron) platformdirs warns and falls back to
+            # /tmp/runtime-UID; that fallback is fine for us (the server creates it 0700).
+            warnings.simplefilter("ignore")
+            runtime = Path(platformdirs.user_runtime_dir(APP_NAME, appauthor=False))
     models = (
         Path(env["EDGE_AGENT_MODELS_DIR"]).expanduser()
         if env.get("EDGE_AGENT_MODELS_DIR")

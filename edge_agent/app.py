@@ -15,12 +15,15 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .embedder import Embedder, EmbedderConfig
 from .models import DEFAULT_MODEL, ModelStore
+from .paths import default_paths
 from .protocol import Limits
+from .selection import Override
+from .selftest import safe_start
 from .server import Server, check_socket_free
 from .service import Service, ServiceConfig, kv
 from .worker import ProcessEmbedder
@@ -45,6 +48,42 @@ class ServeOptions:
     # Run llama.cpp in a child process (edge_agent.worker): an engine abort then fails the
     # requests in flight and restarts the child instead of killing the daemon.
     isolate_engine: bool = True
+    # Choose quant/threads/batch from the hardware probe, profiles and measurements, and
+    # self-test the chosen file in a child before serving (edge_agent.selftest.safe_start).
+    # False: open ``quant`` (or the manifest's default) with ``embedder`` as given.
+    select_model: bool = True
+    override: Override | None = None  # what the user pinned (flag > env > config file)
+    state_dir: Path | None = None  # tuning results + known-bad files; None: data dir/hardware
+    tune_budget_s: float | None = 20.0  # first-start tuning; None skips it
+
+
+def _open_embedder(options: ServeOptions, store: ModelStore) -> Embedder | ProcessEmbedder:
+    """Select + self-test (unless disabled), then open the engine, isolated by default."""
+    resolved = None
+    config = options.embedder
+    if options.select_model:
+        override = options.override or Override()
+        if options.quant and override.quant is None:
+            override = replace(
+                override, quant=options.quant, sources={**override.sources, "quant": "options"}
+            )
+        state_dir = options.state_dir or default_paths().data_dir / "hardware"
+        plan = safe_start(
+            store,
+            options.model,
+            state_dir=state_dir,
+            override=override,
+            tune_budget_s=options.tune_budget_s,
+            base_config=options.embedder,
+        )
+        for line in plan.report().splitlines():
+            log.info("%s", kv(event="model_selection", detail=line))
+        resolved, config = plan.resolved, plan.config
+    else:
+        resolved = store.resolve(options.model, options.quant)
+    if options.isolate_engine:
+        return ProcessEmbedder(resolved, config)
+    return Embedder(resolved, config)
 
 
 async def run_server(
@@ -62,10 +101,7 @@ async def run_server(
     check_socket_free(socket_path)
     limits = Limits(max_message_bytes=options.max_message_bytes)
     store = ModelStore(Path(options.models_dir).expanduser())
-    opener = ProcessEmbedder.open if options.isolate_engine else Embedder.open
-    embedder = await asyncio.to_thread(
-        opener, store, options.model, options.quant, options.embedder
-    )
+    embedder = await asyncio.to_thread(_open_embedder, options, store)
     log.info(
         "%s",
         kv(

@@ -110,18 +110,65 @@ def _embedder_config(args: argparse.Namespace) -> Any:
     return EmbedderConfig(threads=args.threads)
 
 
+def _state_dir() -> Path:
+    return default_paths().data_dir / "hardware"
+
+
+def _override(args: argparse.Namespace) -> Any:
+    from .selection import override_from
+
+    flags = {
+        "quant": getattr(args, "quant", None),
+        "threads": getattr(args, "threads", None),
+        "profile": getattr(args, "profile", None),
+    }
+    return override_from(flags=flags, environ=os.environ)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import ServeOptions, serve
+    from .embedder import EmbedderConfig
 
     serve(
         ServeOptions(
             socket_path=Path(args.socket),
             models_dir=args.models_dir,
             model=args.model,
-            quant=args.quant,
-            embedder=_embedder_config(args),
+            embedder=EmbedderConfig(),
+            override=_override(args),
+            state_dir=_state_dir(),
+            tune_budget_s=None if args.no_tune else args.tune_budget,
         )
     )
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from .hardware import describe_host, probe_host
+
+    host = probe_host()
+    if not args.explain:
+        print(json.dumps(host.to_json(), indent=2) if args.json else describe_host(host))
+        return 0
+    from .selection import explain
+    from .selftest import plan
+
+    selection = plan(_store(args), args.model, state_dir=_state_dir(), override=_override(args))
+    print(json.dumps(selection.to_json(), indent=2) if args.json else explain(selection))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .tuning import tune
+
+    result = tune(
+        _store(args),
+        args.model,
+        state_dir=_state_dir(),
+        budget_s=args.budget,
+        override=_override(args),
+    )
+    print(result.table())
     return 0
 
 
@@ -211,8 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default=os.environ.get("EDGE_AGENT_MODEL", DEFAULT_MODEL))
-        p.add_argument("--quant", default=os.environ.get("EDGE_AGENT_QUANT"))
-        p.add_argument("--threads", type=int, default=None)
+        # None = not given: selection then takes env EDGE_AGENT_QUANT/THREADS, then profiles.
+        p.add_argument("--quant", help="pin a quantization (env EDGE_AGENT_QUANT)")
+        p.add_argument("--threads", type=int, help="pin the thread count (env EDGE_AGENT_THREADS)")
+        p.add_argument("--profile", help="force a hardware profile (env EDGE_AGENT_PROFILE)")
 
     socket_default = os.environ.get("EDGE_AGENT_SOCKET", str(paths.default_socket))
     p = commands.add_parser("serve", help="run the daemon in the foreground")
@@ -220,7 +269,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--socket", default=socket_default, help="Unix socket path (env EDGE_AGENT_SOCKET)"
     )
     add_model_options(p)
+    p.add_argument(
+        "--tune-budget",
+        type=float,
+        default=20.0,
+        help="seconds of measurement on first start (default 20)",
+    )
+    p.add_argument("--no-tune", action="store_true", help="use the profile rules only")
     p.set_defaults(func=cmd_serve)
+
+    p = commands.add_parser("probe", help="what this host is, and which model file it would use")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--explain", action="store_true", help="the model selection and its reasons")
+    add_model_options(p)
+    p.set_defaults(func=cmd_probe)
+
+    p = commands.add_parser("tune", help="measure quants/threads/batch sizes on this host")
+    p.add_argument("--budget", type=float, default=20.0, help="seconds (default 20)")
+    add_model_options(p)
+    p.set_defaults(func=cmd_tune)
 
     p = commands.add_parser("embed", help="embed texts (arguments, or stdin lines)")
     p.add_argument("texts", nargs="*")

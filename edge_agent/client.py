@@ -379,7 +379,7 @@ class AsyncClient:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_unix_connection(os.fspath(self.socket_path)), self.timeout
                 )
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise RequestTimeout(f"connecting to {self.socket_path} timed out") from None
             except OSError as exc:
                 raise _connect_error(self.socket_path, exc) from exc
@@ -428,7 +428,7 @@ class AsyncClient:
                 response = await asyncio.wait_for(
                     self._send_and_wait(conn, future, payload), self.timeout
                 )
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 conn.pending.pop(msgid, None)  # a late reply is dropped by msgid
                 raise RequestTimeout(f"{method} timed out after {self.timeout}s") from None
             except ConnectionFailed:

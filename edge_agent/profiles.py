@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from .errors import EdgeAgentError, ErrorCode
 from .hardware.host import HostInfo
@@ -74,11 +73,14 @@ class ThreadsRule:
 
 @dataclass(frozen=True)
 class IndexParams:
-    """hnswlib parameters: graph degree, build-time and query-time candidate lists."""
+    """hnswlib parameters: graph degree, build-time and query-time candidate lists.
+
+    Same names and ranges as edge_agent.index's IndexConfig, which takes them as they are.
+    """
 
     m: int = 16
     ef_construction: int = 200
-    ef: int = 64
+    ef_search: int = 64
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,7 @@ _SETTINGS_KEYS = {
     "index",
 }
 _THREADS_KEYS = {"base", "reserve_for_server_from", "max"}
-_INDEX_KEYS = {"m", "ef_construction", "ef"}
+_INDEX_KEYS = {"m", "ef_construction", "ef_search"}
 
 
 class _Reader:
@@ -304,9 +306,9 @@ def load_profile(path: Path) -> Profile:
         memory_headroom=settings.integer("memory_headroom_mib", 256, 0, 1 << 20) * MIB,
         min_cosine=settings.number("min_cosine", 0.98, 0.0, 1.0),
         index=IndexParams(
-            m=index.integer("m", 16, 2, 256),
-            ef_construction=index.integer("ef_construction", 200, 8, 10000),
-            ef=index.integer("ef", 64, 1, 10000),
+            m=index.integer("m", 16, 2, 128),
+            ef_construction=index.integer("ef_construction", 200, 8, 4096),
+            ef_search=index.integer("ef_search", 64, 1, 65536),
         ),
         path=path,
     )

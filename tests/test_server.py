@@ -111,6 +111,9 @@ def options_for(model_store: ModelStore, socket_path: Path, **overrides: Any) ->
         embedder=CONFIG,
         max_message_bytes=MAX_MESSAGE,
         shutdown_grace=10.0,
+        # Model selection + self-test has its own tests (test_selftest.py, and the serve test
+        # below); here the model is pinned so each server starts in about a second.
+        select_model=False,
     )
     return replace(options, **overrides)
 
@@ -603,10 +606,11 @@ def test_serve_announces_and_stops_on_signal(
         "from edge_agent.app import ServeOptions, serve\n"
         "from edge_agent.embedder import EmbedderConfig\n"
         "serve(ServeOptions(socket_path=Path(sys.argv[1]), models_dir=Path(sys.argv[2]),"
-        " quant='F32', embedder=EmbedderConfig(threads=1)))\n"
+        " quant='F32', embedder=EmbedderConfig(threads=1), state_dir=Path(sys.argv[3])))\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, os.fspath(path), os.fspath(model_store.root)],
+        [sys.executable, "-c", code, os.fspath(path), os.fspath(model_store.root),
+         os.fspath(tmp_path / "state")],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

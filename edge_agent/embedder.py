@@ -13,7 +13,7 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Self
 
 import numpy as np
 
@@ -27,8 +27,9 @@ from .errors import (
 )
 from .models.manifest import ModelManifest
 from .models.store import ModelStore, ResolvedModel
+from .texts import check_text
 
-__all__ = ["Embedder", "EmbedderConfig", "Embeddings"]
+__all__ = ["Embedder", "EmbedderConfig", "Embeddings", "ModelHandle"]
 
 Kind = Literal["document", "query"]
 LongText = Literal["truncate", "chunk", "error"]
@@ -112,7 +113,44 @@ def _normalize(rows: np.ndarray) -> np.ndarray:
     return (rows / norms).astype(np.float32, copy=False)
 
 
-class Embedder:
+class ModelHandle:
+    """What every embedder offers besides ``embed``: opening by name, the model's identity,
+    and ``with`` support. Shared by the in-process Embedder and the ProcessEmbedder."""
+
+    manifest: ModelManifest
+
+    def __init__(self, resolved: ResolvedModel, config: EmbedderConfig | None = None) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def open(
+        cls,
+        store: ModelStore,
+        name: str,
+        quant: str | None = None,
+        config: EmbedderConfig | None = None,
+    ) -> Self:
+        return cls(store.resolve(name, quant), config)
+
+    @property
+    def dims(self) -> int:
+        return self.manifest.dims
+
+    @property
+    def model_name(self) -> str:
+        return self.manifest.name
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class Embedder(ModelHandle):
     def __init__(self, resolved: ResolvedModel, config: EmbedderConfig | None = None) -> None:
         self.config = config or EmbedderConfig()
         self.manifest: ModelManifest = resolved.manifest
@@ -169,30 +207,6 @@ class Embedder:
             )
         self._overlap = min(self.config.chunk_overlap, self._window // 2)
 
-    @classmethod
-    def open(
-        cls,
-        store: ModelStore,
-        name: str,
-        quant: str | None = None,
-        config: EmbedderConfig | None = None,
-    ) -> Embedder:
-        return cls(store.resolve(name, quant), config)
-
-    @property
-    def dims(self) -> int:
-        return self.manifest.dims
-
-    @property
-    def model_name(self) -> str:
-        return self.manifest.name
-
-    def __enter__(self) -> Embedder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
         if self._closed.is_set():
             return
@@ -232,12 +246,7 @@ class Embedder:
             task = self.manifest.default_task or ""
         formatted: list[str] = []
         for index, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise InvalidArgument(
-                    f"texts[{index}] is {type(text).__name__}, not a string", index=index
-                )
-            if not text.strip():
-                raise EmptyText(f"texts[{index}] is empty", index=index)
+            check_text(index, text)
             if len(text.encode("utf-8", errors="surrogatepass")) > self.config.max_text_bytes:
                 raise TextTooLong(
                     f"texts[{index}] is over {self.config.max_text_bytes} bytes",

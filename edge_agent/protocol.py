@@ -20,10 +20,10 @@ import numpy as np
 
 from .errors import (
     EdgeAgentError,
-    EmptyText,
     InvalidArgument,
     error_for_code,
 )
+from .texts import check_text
 
 __all__ = [
     "ARGUMENTS",
@@ -453,12 +453,7 @@ class EmbedArgs:
         if not texts:
             raise InvalidArgument("texts must not be empty", argument="texts")
         for index, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise InvalidArgument(
-                    f"texts[{index}] is {type(text).__name__}, not a string", index=index
-                )
-            if not text.strip():
-                raise EmptyText(f"texts[{index}] is empty", index=index)
+            check_text(index, text)
         kind = args.get("kind", "document")
         if kind is None:
             kind = "document"

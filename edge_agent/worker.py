@@ -20,10 +20,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from .embedder import Embedder, EmbedderConfig, Embeddings
+from .embedder import Embedder, EmbedderConfig, Embeddings, ModelHandle
 from .errors import EdgeAgentError, EngineError, InvalidArgument, error_for_code
 from .models.manifest import ModelManifest
-from .models.store import ModelStore, ResolvedModel
+from .models.store import ResolvedModel
 
 __all__ = ["ProcessEmbedder"]
 
@@ -63,7 +63,7 @@ def _child_main(conn: Connection, resolved: ResolvedModel, config: EmbedderConfi
             conn.send(reply)
 
 
-class ProcessEmbedder:
+class ProcessEmbedder(ModelHandle):
     """``Embedder``'s interface, backed by a child process that is restarted after a crash."""
 
     def __init__(
@@ -89,33 +89,9 @@ class ProcessEmbedder:
         self.max_tokens = ready.max_tokens
         self.threads = ready.threads
 
-    @classmethod
-    def open(
-        cls,
-        store: ModelStore,
-        name: str,
-        quant: str | None = None,
-        config: EmbedderConfig | None = None,
-    ) -> ProcessEmbedder:
-        return cls(store.resolve(name, quant), config)
-
-    @property
-    def dims(self) -> int:
-        return self.manifest.dims
-
-    @property
-    def model_name(self) -> str:
-        return self.manifest.name
-
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
-
-    def __enter__(self) -> ProcessEmbedder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _start(self) -> _Ready:
         parent, child = _SPAWN.Pipe()

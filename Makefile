@@ -46,7 +46,10 @@ $(STAMP)/test-deps: pyproject.toml | $(STAMP)/deps
 	$(PIP) install --quiet -e ".[test]"
 	@touch $@
 
+# torch is pinned first to the CPU build (a bare `torch` requirement resolves to a multi-GB CUDA
+# build); sentence-transformers is only the benchmarks' reference, never a runtime dependency.
 $(STAMP)/bench-deps: pyproject.toml | $(STAMP)/deps
+	$(PIP) install --quiet "torch==2.13.0"
 	$(PIP) install --quiet -e ".[bench]"
 	@touch $@
 

@@ -1,12 +1,13 @@
 """Throughput (sentences/s) and peak RSS: the project's Embedder per quant vs sentence-transformers.
 
 Every contender runs in its own subprocess, so the peak RSS (VmHWM) is that contender's alone:
-Python, its imports, the model and its buffers. Each subprocess loads its model, embeds a
-warm-up slice, then times ``--passes`` passes over the same sentences (a seeded sample of the
-STS sentences). With ``--rounds`` > 1 every contender runs again, in reverse order on odd rounds,
-and the best pass counts: the machine is shared, so the best pass is the least disturbed one.
+Python, its imports, the model and its buffers. The subprocesses load one after another and
+embed a warm-up slice; then ``--rounds`` rounds each time one pass of every contender over the
+same sentences (a seeded sample of the STS sentences), in reverse order on odd rounds, while the
+others sleep. The machine is shared and noisy: interleaving spreads the disturbance over all
+contenders, and the best pass of each is the least disturbed one.
 
-    python bench/embed_throughput.py [--quants F32,Q8_0] [--threads 2] [--sentences 600]
+    python bench/embed_throughput.py [--quants F32,Q8_0] [--threads 2] [--sentences 500]
     python bench/embed_throughput.py --quants F32 --batch-tokens 256,512,1024 --no-st  # sweep
 
 Lists given to --batch-tokens, --max-sequences and --flash-attention are swept (every
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,10 @@ FA_VALUES: dict[str, bool | None] = {"on": True, "off": False, "auto": None}
 FA_NAMES = {value: name for name, value in FA_VALUES.items()}
 
 
-# -- measurements inside a contender's own process ----------------------------------------------
+# -- inside a contender's own process -----------------------------------------------------------
+# Protocol on stdin/stdout, one line each: the worker loads its model, warms up and says
+# "READY {json}"; each "pass" line is answered "PASS <seconds>"; "done" is answered
+# "RESULT {json}" (peak RSS and all) before it exits. Anything else it prints is ignored.
 
 
 def _status_mb(field: str) -> float | None:
@@ -56,11 +61,6 @@ def _status_mb(field: str) -> float | None:
     return None
 
 
-def rss_mb() -> float:
-    value = _status_mb("VmRSS")
-    return value if value is not None else peak_rss_mb()
-
-
 def peak_rss_mb() -> float:
     value = _status_mb("VmHWM")
     if value is not None:
@@ -69,20 +69,12 @@ def peak_rss_mb() -> float:
     return maxrss / (1024 * 1024) if sys.platform == "darwin" else maxrss / 1024
 
 
-def _time_passes(
-    run: Any, sentences: list[str], warmup: int, passes: int
-) -> tuple[list[float], Any]:
-    """Warm up, then time ``passes`` runs; the times and the last run's result."""
-    run(sentences[:warmup])
-    times, result = [], None
-    for _ in range(passes):
-        started = time.perf_counter()
-        result = run(sentences)
-        times.append(time.perf_counter() - started)
-    return times, result
+def rss_mb() -> float:
+    value = _status_mb("VmRSS")
+    return value if value is not None else peak_rss_mb()
 
 
-def _worker_embedder(spec: dict[str, Any], sentences: list[str]) -> dict[str, Any]:
+def _load_embedder(spec: dict[str, Any]) -> tuple[Callable[[list[str]], Any], dict[str, Any]]:
     from edge_agent.embedder import Embedder, EmbedderConfig
     from edge_agent.models import DEFAULT_MODEL, ModelStore
 
@@ -94,28 +86,23 @@ def _worker_embedder(spec: dict[str, Any], sentences: list[str]) -> dict[str, An
         batch_tokens=spec["batch_tokens"],
         max_sequences=spec["max_sequences"],
         flash_attention=FA_VALUES[spec["flash_attention"]],
-        max_texts=max(4096, len(sentences)),
+        max_texts=1_000_000,
     )
     started = time.perf_counter()
-    with Embedder(resolved, config) as embedder:
-        load_s = time.perf_counter() - started
-        times, last = _time_passes(embedder.embed, sentences, spec["warmup"], spec["passes"])
-        tokens = sum(last.token_counts)
-        effective = embedder._engine.settings.batch_tokens
-    return {
-        "times": times,
-        "load_s": load_s,
+    embedder = Embedder(resolved, config)
+    info = {
+        "load_s": time.perf_counter() - started,
         "import_rss": imports,
-        "tokens": tokens,
-        "batch_tokens": effective,
+        "batch_tokens": embedder._engine.settings.batch_tokens,  # after the max_tokens floor
     }
+    return embedder.embed, info
 
 
-def _worker_st(spec: dict[str, Any], sentences: list[str]) -> dict[str, Any]:
+def _load_st(spec: dict[str, Any]) -> tuple[Callable[[list[str]], Any], dict[str, Any]]:
     from _common import load_sentence_transformer, sentence_transformers_env
 
     sentence_transformers_env()
-    try:  # imported before the model so the import RSS below counts them
+    try:  # imported before the model so that the import RSS counts them
         import sentence_transformers  # noqa: F401
         import torch  # noqa: F401
     except ImportError as exc:
@@ -137,20 +124,28 @@ def _worker_st(spec: dict[str, Any], sentences: list[str]) -> dict[str, Any]:
             show_progress_bar=False,
         )
 
-    times, _ = _time_passes(run, sentences, spec["warmup"], spec["passes"])
-    return {"times": times, "load_s": load_s, "import_rss": imports}
+    return run, {"load_s": load_s, "import_rss": imports}
 
 
 def worker(spec_path: str) -> int:
-    start_rss = rss_mb()
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     sentences = json.loads(Path(spec["sentences_path"]).read_text(encoding="utf-8"))
-    if spec["kind"] == ST:
-        result = _worker_st(spec, sentences)
-    else:
-        result = _worker_embedder(spec, sentences)
-    result.update(start_rss=start_rss, peak_rss=peak_rss_mb())
-    print("RESULT " + json.dumps(result), flush=True)
+    run, info = (_load_st if spec["kind"] == ST else _load_embedder)(spec)
+    run(sentences[: spec["warmup"]])
+    print("READY " + json.dumps(info), flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "pass":
+            started, cpu_started = time.perf_counter(), time.process_time()
+            out = run(sentences)
+            wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+            print(f"PASS {wall:.6f} {cpu:.6f}", flush=True)
+            if hasattr(out, "token_counts"):
+                info["tokens"] = sum(out.token_counts)
+        elif command == "done":
+            break
+    info["peak_rss"] = peak_rss_mb()
+    print("RESULT " + json.dumps(info), flush=True)
     return 0
 
 
@@ -169,21 +164,71 @@ def _fa_list(text: str) -> list[str]:
     return values
 
 
-def _run_contender(spec: dict[str, Any], workdir: Path, timeout: float) -> dict[str, Any]:
-    spec_path = workdir / "spec.json"
-    spec_path.write_text(json.dumps(spec), encoding="utf-8")
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
+class Contender:
+    """One contender's worker process, driven pass by pass."""
+
+    def __init__(self, spec: dict[str, Any], workdir: Path, index: int) -> None:
+        self.spec = spec
+        spec_path = workdir / f"spec-{index}.json"
+        spec_path.write_text(json.dumps(spec), encoding="utf-8")
+        self.stderr_path = workdir / f"stderr-{index}.txt"
+        self._stderr = self.stderr_path.open("w", encoding="utf-8")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            bufsize=1,
+        )
+        self.times: list[float] = []
+        self.cpu_times: list[float] = []
+        self.info: dict[str, Any] = json.loads(self._expect("READY "))
+
+    def _expect(self, prefix: str) -> str:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix) :].strip()
+        self.proc.wait()
+        self._stderr.flush()
+        tail = self.stderr_path.read_text(encoding="utf-8", errors="replace")[-4000:]
+        sys.stderr.write(tail)
+        raise SystemExit(f"error: {describe(self.spec)} failed (exit {self.proc.returncode})")
+
+    def _send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def timed_pass(self) -> float:
+        """Wall seconds of one pass (its process CPU seconds go to ``cpu_times``)."""
+        self._send("pass")
+        wall, cpu = (float(x) for x in self._expect("PASS ").split())
+        self.times.append(wall)
+        self.cpu_times.append(cpu)
+        return wall
+
+    def finish(self) -> None:
+        self._send("done")
+        self.info.update(json.loads(self._expect("RESULT ")))
+        self.proc.wait()
+        self._stderr.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._stderr.close()
+
+
+def describe(spec: dict[str, Any]) -> str:
+    if spec["kind"] == ST:
+        return spec["label"]
+    return (
+        f"{spec['label']} bt={spec['batch_tokens']} ms={spec['max_sequences']}"
+        f" fa={spec['flash_attention']}"
     )
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-    raise SystemExit(f"error: contender {spec.get('label')} failed (exit {proc.returncode})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,10 +245,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sentences",
         type=int,
-        default=600,
+        default=500,
         help="STS sentences per timed pass, a seeded sample (default: %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument(
+        "--join",
+        type=int,
+        default=1,
+        help="join this many STS sentences into each text, for a paragraph-length workload"
+        " (default: 1)",
+    )
     parser.add_argument(
         "--batch-tokens",
         type=_int_list,
@@ -222,21 +274,26 @@ def main(argv: list[str] | None = None) -> int:
         default=[FA_NAMES[defaults.flash_attention]],
         help="on, off, auto or a comma list to sweep (default: EmbedderConfig's, %(default)s)",
     )
-    parser.add_argument("--rounds", type=int, default=2, help="(default: %(default)s)")
-    parser.add_argument("--passes", type=int, default=1, help="timed passes per round")
-    parser.add_argument("--warmup", type=int, default=64, help="warm-up sentences (default: 64)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="timed passes per contender, interleaved across contenders (default: %(default)s)",
+    )
+    parser.add_argument("--warmup", type=int, default=64, help="warm-up texts (default: 64)")
     parser.add_argument(
         "--st-batch-size", type=int, default=32, help="sentence-transformers' encode batch_size"
     )
     parser.add_argument("--no-st", action="store_true", help="skip sentence-transformers")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per contender run")
     args = parser.parse_args(argv)
 
     files = load_sts(args.data_dir)
     pool = unique_sentences(files)
     rng = np.random.default_rng(args.seed)
-    count = min(args.sentences, len(pool))
-    sentences = [pool[i] for i in rng.permutation(len(pool))[:count]]
+    join = max(1, args.join)
+    count = min(args.sentences, len(pool) // join)
+    picked = [pool[i] for i in rng.permutation(len(pool))[: count * join]]
+    sentences = [" ".join(picked[i * join : (i + 1) * join]) for i in range(count)]
     store = open_store(args.models_dir)
     manifest = store.get(DEFAULT_MODEL)
     quants = [q.strip() for q in args.quants.split(",") if q.strip()]
@@ -244,20 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         sys.exit(f"error: no {', '.join(missing)} in the store (has: {', '.join(manifest.files)})")
 
-    base = {
-        "threads": args.threads,
-        "warmup": min(args.warmup, count),
-        "passes": args.passes,
-    }
-    contenders: list[dict[str, Any]] = []
+    base = {"threads": args.threads, "warmup": min(args.warmup, count)}
+    specs: list[dict[str, Any]] = []
     if not args.no_st:
-        contenders.append(
+        specs.append(
             {**base, "kind": ST, "label": f"{ST} (fp32)", "st_batch_size": args.st_batch_size}
         )
     for quant, tokens, sequences, fa in itertools.product(
         quants, args.batch_tokens, args.max_sequences, args.flash_attention
     ):
-        contenders.append(
+        specs.append(
             {
                 **base,
                 "kind": "embedder",
@@ -272,95 +325,90 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = os.getloadavg()
     started = time.perf_counter()
-    results: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(contenders))}
+    contenders: list[Contender] = []
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
         workdir = Path(tmp)
         sentences_path = workdir / "sentences.json"
         sentences_path.write_text(json.dumps(sentences), encoding="utf-8")
-        for round_index in range(args.rounds):
-            order = list(range(len(contenders)))
-            if round_index % 2:
-                order.reverse()
-            for i in order:
-                spec = {**contenders[i], "sentences_path": str(sentences_path)}
-                result = _run_contender(spec, workdir, args.timeout)
-                results[i].append(result)
-                best = count / min(result["times"])
-                print(
-                    f"round {round_index + 1}: {_describe(contenders[i])}: {best:.1f} sentences/s,"
-                    f" peak RSS {result['peak_rss']:.0f} MB",
-                    file=sys.stderr,
+        try:
+            # Loaded one after another; each then sleeps on its stdin until asked for a pass.
+            for index, spec in enumerate(specs):
+                contenders.append(
+                    Contender({**spec, "sentences_path": str(sentences_path)}, workdir, index)
                 )
+            for round_index in range(args.rounds):
+                order = contenders[::-1] if round_index % 2 else contenders
+                for contender in order:
+                    seconds = contender.timed_pass()
+                    print(
+                        f"round {round_index + 1}: {describe(contender.spec)}:"
+                        f" {count / seconds:.1f} sentences/s",
+                        file=sys.stderr,
+                    )
+            for contender in contenders:
+                contender.finish()
+        finally:
+            for contender in contenders:
+                contender.kill()
     elapsed = time.perf_counter() - started
 
-    rows_data = []
-    for i, contender in enumerate(contenders):
-        times = [t for r in results[i] for t in r["times"]]
-        rows_data.append(
-            {
-                "contender": contender,
-                "best": count / min(times),
-                "median": count / statistics.median(times),
-                "peak": max(r["peak_rss"] for r in results[i]),
-                "imports": max(r["import_rss"] for r in results[i]),
-                "load_s": min(r["load_s"] for r in results[i]),
-                "batch_tokens": results[i][0].get("batch_tokens"),
-                "tokens": results[i][0].get("tokens"),
-            }
-        )
-    reference = next((r for r in rows_data if r["contender"]["kind"] == ST), None)
+    reference = next((c for c in contenders if c.spec["kind"] == ST), None)
+    ref_speed = count / min(reference.times) if reference else None
+    ref_rss = reference.info["peak_rss"] if reference else None
+    ref_cpu = count / min(reference.cpu_times) if reference else None
+    unit = "sentences" if join == 1 else "texts"
     headers = [
         "contender",
         "batch_tokens",
         "max_seq",
         "flash attn",
-        "sentences/s",
+        f"{unit}/s",
         "median",
         "× ST",
+        f"{unit}/CPU-s",
+        "CPU × ST",
         "peak RSS MB",
         "× ST RSS",
         "import RSS MB",
         "load s",
     ]
     rows = []
-    for r in rows_data:
-        c = r["contender"]
-        is_st = c["kind"] == ST
+    for c in contenders:
+        is_st = c.spec["kind"] == ST
+        best = count / min(c.times)
+        per_cpu = count / min(c.cpu_times)
+        peak = c.info["peak_rss"]
         rows.append(
             [
-                c["label"],
-                f"{c['st_batch_size']} texts" if is_st else str(r["batch_tokens"]),
-                "-" if is_st else str(c["max_sequences"]),
-                "-" if is_st else c["flash_attention"],
-                f"{r['best']:.1f}",
-                f"{r['median']:.1f}",
-                f"{r['best'] / reference['best']:.2f}" if reference else "n/a",
-                f"{r['peak']:.0f}",
-                f"{r['peak'] / reference['peak']:.2f}" if reference else "n/a",
-                f"{r['imports']:.0f}",
-                f"{r['load_s']:.2f}",
+                c.spec["label"],
+                f"{c.spec['st_batch_size']} texts" if is_st else str(c.info["batch_tokens"]),
+                "-" if is_st else str(c.spec["max_sequences"]),
+                "-" if is_st else c.spec["flash_attention"],
+                f"{best:.1f}",
+                f"{count / statistics.median(c.times):.1f}",
+                f"{best / ref_speed:.2f}" if ref_speed else "n/a",
+                f"{per_cpu:.1f}",
+                f"{per_cpu / ref_cpu:.2f}" if ref_cpu else "n/a",
+                f"{peak:.0f}",
+                f"{peak / ref_rss:.2f}" if ref_rss else "n/a",
+                f"{c.info['import_rss']:.0f}",
+                f"{c.info['load_s']:.2f}",
             ]
         )
-    tokens = next((r["tokens"] for r in rows_data if r["tokens"]), None)
-    token_note = f", {tokens / count:.1f} tokens/sentence on average" if tokens else ""
+    tokens = next((c.info["tokens"] for c in contenders if c.info.get("tokens")), None)
+    token_note = f", {tokens / count:.1f} tokens/text with specials" if tokens else ""
     print(f"Machine: {machine_summary()} (load average at start {load_before[0]:.2f})")
     print(
-        f"Workload: {count} STS sentences (seed {args.seed}{token_note}), {args.threads} threads,"
-        f" {args.rounds} round(s) x {args.passes} pass(es) after {base['warmup']} warm-up"
-        f" sentences; sentences/s = best pass, median over all passes; {elapsed:.0f}s in all"
+        f"Workload: {count} {'STS sentences' if join == 1 else f'texts of {join} STS sentences'}"
+        f" (seed {args.seed}{token_note}), {args.threads} threads,"
+        f" {args.rounds} timed pass(es) per contender, interleaved, after {base['warmup']}"
+        f" warm-up texts; {unit}/s = best pass, median = median pass; {unit}/CPU-s ="
+        f" {unit} per second of process CPU time (user+sys, all threads), best pass;"
+        f" {elapsed:.0f}s in all"
     )
     print()
     print(markdown_table(headers, rows))
     return 0
-
-
-def _describe(contender: dict[str, Any]) -> str:
-    if contender["kind"] == ST:
-        return contender["label"]
-    return (
-        f"{contender['label']} bt={contender['batch_tokens']} ms={contender['max_sequences']}"
-        f" fa={contender['flash_attention']}"
-    )
 
 
 if __name__ == "__main__":

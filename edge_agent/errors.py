@@ -18,11 +18,15 @@ __all__ = [
     "EmptyText",
     "EngineError",
     "ErrorCode",
+    "InsufficientMemory",
     "IntegrityError",
     "InvalidArgument",
     "ModelFileError",
     "ModelNotFound",
+    "NoUsableModel",
+    "ProfileError",
     "TextTooLong",
+    "UnsupportedPlatform",
     "error_for_code",
 ]
 
@@ -38,10 +42,22 @@ class ErrorCode(IntEnum):
     MODEL_FILE_ERROR = 201
     INTEGRITY_ERROR = 202
     DOWNLOAD_ERROR = 203
+    UNSUPPORTED_PLATFORM = 204
+    PROFILE_ERROR = 205
+    INSUFFICIENT_MEMORY = 206
+    NO_USABLE_MODEL = 207
     # Transient: retrying may work.
     ENGINE_ERROR = 300
     # A bug on our side.
     INTERNAL = 500
+    # The local index (edge_agent/index): collections on disk.
+    COLLECTION_NOT_FOUND = 600
+    MODEL_MISMATCH = 601
+    INDEX_CORRUPT = 602
+    COLLECTION_EXISTS = 603
+    INDEX_BUSY = 604
+    INDEX_FULL = 605
+    DOCUMENT_EXISTS = 606
 
 
 class EdgeAgentError(Exception):
@@ -94,6 +110,30 @@ class DownloadError(EdgeAgentError):
     code = ErrorCode.DOWNLOAD_ERROR
 
 
+class UnsupportedPlatform(EdgeAgentError):
+    """The hardware probe does not know this operating system (Windows, BSD, ...)."""
+
+    code = ErrorCode.UNSUPPORTED_PLATFORM
+
+
+class ProfileError(EdgeAgentError, ValueError):
+    """A hardware profile file is malformed, or a named profile does not exist."""
+
+    code = ErrorCode.PROFILE_ERROR
+
+
+class InsufficientMemory(ModelFileError):
+    """No candidate model file fits the memory budget; the message says how much is needed."""
+
+    code = ErrorCode.INSUFFICIENT_MEMORY
+
+
+class NoUsableModel(ModelFileError):
+    """Every candidate file was rejected or failed its self-test: refuse to start."""
+
+    code = ErrorCode.NO_USABLE_MODEL
+
+
 class EngineError(EdgeAgentError, RuntimeError):
     """llama.cpp refused an operation (e.g. a decode failed)."""
 
@@ -111,6 +151,10 @@ _BY_CODE: dict[int, type[EdgeAgentError]] = {
         ModelFileError,
         IntegrityError,
         DownloadError,
+        UnsupportedPlatform,
+        ProfileError,
+        InsufficientMemory,
+        NoUsableModel,
         EngineError,
         EdgeAgentError,
     )
@@ -120,3 +164,66 @@ _BY_CODE: dict[int, type[EdgeAgentError]] = {
 def error_for_code(code: int) -> type[EdgeAgentError]:
     """The exception class for a wire error code (the root class for unknown codes)."""
     return _BY_CODE.get(code, EdgeAgentError)
+
+
+# -- the local index (6xx) ----------------------------------------------------------------------
+
+
+class CollectionNotFound(EdgeAgentError, LookupError):
+    code = ErrorCode.COLLECTION_NOT_FOUND
+
+
+class ModelMismatch(EdgeAgentError):
+    """A vector comes from another model than the one the collection is pinned to: reindex."""
+
+    code = ErrorCode.MODEL_MISMATCH
+
+
+class IndexCorrupt(EdgeAgentError):
+    """A collection's files fail validation; `edge-agent index check|repair` says what to do."""
+
+    code = ErrorCode.INDEX_CORRUPT
+
+
+class CollectionExists(EdgeAgentError):
+    code = ErrorCode.COLLECTION_EXISTS
+
+
+class IndexBusy(EdgeAgentError):
+    """Another process (or another open handle) holds the collection's lock."""
+
+    code = ErrorCode.INDEX_BUSY
+
+
+class IndexFull(EdgeAgentError):
+    """A collection limit (max vectors) or the disk under it is full."""
+
+    code = ErrorCode.INDEX_FULL
+
+
+class DocumentExists(EdgeAgentError):
+    """``add`` of an id that is already stored (``upsert`` replaces instead)."""
+
+    code = ErrorCode.DOCUMENT_EXISTS
+
+
+_INDEX_ERRORS: tuple[type[EdgeAgentError], ...] = (
+    CollectionNotFound,
+    ModelMismatch,
+    IndexCorrupt,
+    CollectionExists,
+    IndexBusy,
+    IndexFull,
+    DocumentExists,
+)
+_BY_CODE.update({cls.code: cls for cls in _INDEX_ERRORS})
+# A literal list, so static tools see the names.
+__all__ += [
+    "CollectionExists",
+    "CollectionNotFound",
+    "DocumentExists",
+    "IndexBusy",
+    "IndexCorrupt",
+    "IndexFull",
+    "ModelMismatch",
+]

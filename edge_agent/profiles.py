@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgeAgentError, ErrorCode
+from .errors import ProfileError
 from .hardware.host import HostInfo
 
 __all__ = [
@@ -42,13 +42,6 @@ GENERIC = "generic"
 PROFILES_ENV = "EDGE_AGENT_PROFILES_DIR"
 THREAD_BASES = ("performance_cores", "physical_cores", "logical_cores")
 MIB = 1 << 20
-
-
-class ProfileError(EdgeAgentError, ValueError):
-    """A profile file is malformed, or a named profile does not exist."""
-
-    # errors.py has no code for this yet; picks one up once PROFILE_ERROR is added.
-    code = getattr(ErrorCode, "PROFILE_ERROR", ErrorCode.INVALID_ARGUMENT)
 
 
 @dataclass(frozen=True)

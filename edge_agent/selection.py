@@ -18,7 +18,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
-from .errors import ErrorCode, InvalidArgument, ModelFileError, ModelNotFound
+from .errors import (
+    InsufficientMemory,
+    InvalidArgument,
+    ModelNotFound,
+    NoUsableModel,
+)
 from .hardware.host import HostInfo
 from .models.manifest import ModelFile, ModelManifest
 from .profiles import IndexParams, Profile, match_profile, threads_for
@@ -74,18 +79,6 @@ SPEED_TOLERANCE = 0.05
 # 30k: the difference is a few MiB, well inside the headroom).
 _VOCAB_GUESS = 65536
 _CONTEXT_OVERHEAD = 8 * MIB
-
-
-class InsufficientMemory(ModelFileError):
-    """No candidate model file fits the memory budget; the message says how much is needed."""
-
-    code = getattr(ErrorCode, "INSUFFICIENT_MEMORY", ErrorCode.MODEL_FILE_ERROR)
-
-
-class NoUsableModel(ModelFileError):
-    """Every candidate file was rejected or failed its self-test: refuse to start."""
-
-    code = getattr(ErrorCode, "NO_USABLE_MODEL", ErrorCode.MODEL_FILE_ERROR)
 
 
 # -- inputs -------------------------------------------------------------------------------------

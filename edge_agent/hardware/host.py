@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import EdgeAgentError, ErrorCode
+from ..errors import UnsupportedPlatform
 from .board import board_family, read_board_model
 from .cgroup import CgroupLimits, read_cgroup_limits
 from .cpu import CpuInfo, _sysctl, normalise_arch, read_linux_cpuinfo, read_macos_sysctl
@@ -31,13 +31,6 @@ __all__ = [
     "read_linux_host",
     "read_macos_host",
 ]
-
-
-class UnsupportedPlatform(EdgeAgentError):
-    """The probe does not know this operating system (Windows, BSD, ...)."""
-
-    # errors.py has no code for this yet; picks one up once UNSUPPORTED_PLATFORM is added.
-    code = getattr(ErrorCode, "UNSUPPORTED_PLATFORM", ErrorCode.INTERNAL)
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,8 @@ class EmbedderConfig:
     max_texts: int = 4096  # texts per embed() call
     max_text_bytes: int = 1 << 20  # UTF-8 bytes per text (1 MiB)
     use_mmap: bool = True
+    # Lock the weights in RAM (profiles turn it on where swapping to an SD card would stall).
+    use_mlock: bool = False
 
     def __post_init__(self) -> None:
         for name, low, high in (
@@ -172,6 +174,7 @@ class Embedder(ModelHandle):
             max_sequences=self.config.max_sequences,
             flash_attention=self.config.flash_attention,
             use_mmap=self.config.use_mmap,
+            use_mlock=self.config.use_mlock,
         )
         try:
             self._engine: Engine = self._executor.submit(Engine, self.path, settings).result()

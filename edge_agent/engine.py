@@ -59,6 +59,7 @@ class EngineSettings:
     max_sequences: int  # sequences per batch (<= 256, llama.cpp's LLAMA_MAX_SEQ)
     flash_attention: bool | None  # None = let llama.cpp decide
     use_mmap: bool = True
+    use_mlock: bool = False
 
 
 class Engine:
@@ -69,6 +70,7 @@ class Engine:
         self.settings = settings
         model_params = llama_cpp.llama_model_default_params()
         model_params.use_mmap = settings.use_mmap
+        model_params.use_mlock = settings.use_mlock
         model_params.n_gpu_layers = 0
         self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
         if not self._model:

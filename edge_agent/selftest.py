@@ -147,6 +147,7 @@ def embedder_config(decision: Decision, base: EmbedderConfig | None = None) -> E
         max_texts=base.max_texts,
         max_text_bytes=base.max_text_bytes,
         use_mmap=base.use_mmap,
+        use_mlock=decision.mlock,
     )
 
 

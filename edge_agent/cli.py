@@ -216,6 +216,33 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- index --------------------------------------------------------------------------------------
+
+
+def _collection_path(args: argparse.Namespace) -> Path:
+    """A collection by name (under the index root) or by path."""
+    given = Path(args.collection)
+    if given.is_dir() or "/" in args.collection:
+        return given
+    return args.index_dir / args.collection
+
+
+def cmd_index_check(args: argparse.Namespace) -> int:
+    from .index import check_collection
+
+    report = check_collection(_collection_path(args))
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.summary())
+    return 0 if report.ok else 1
+
+
+def cmd_index_repair(args: argparse.Namespace) -> int:
+    from .index import repair_collection
+
+    report = repair_collection(_collection_path(args))
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.summary())
+    return 0
+
+
 # -- parser -------------------------------------------------------------------------------------
 
 
@@ -277,6 +304,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-tune", action="store_true", help="use the profile rules only")
     p.set_defaults(func=cmd_serve)
+
+    index = commands.add_parser("index", help="check or repair a collection on disk")
+    index.add_argument(
+        "--index-dir",
+        type=Path,
+        default=paths.data_dir / "index",
+        help=f"collections root (default {paths.data_dir / 'index'})",
+    )
+    index_commands = index.add_subparsers(dest="index_command", required=True)
+    p = index_commands.add_parser("check", help="validate every file; exit 1 if damaged")
+    p.add_argument("collection", help="collection name or directory")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_index_check)
+    p = index_commands.add_parser(
+        "repair", help="rebuild from what is intact; damaged files are set aside, never deleted"
+    )
+    p.add_argument("collection", help="collection name or directory")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_index_repair)
 
     p = commands.add_parser("probe", help="what this host is, and which model file it would use")
     p.add_argument("--json", action="store_true")

@@ -1,0 +1,107 @@
+"""Named collections under one root directory (the daemon's ``<data dir>/index``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import uuid
+from pathlib import Path
+
+from ..errors import CollectionExists, CollectionNotFound
+from .collection import Collection
+from .config import IndexConfig
+from .fingerprint import ModelFingerprint
+from .fsutil import TMP_SUFFIX, fsync_dir
+from .manifest import MANIFEST_NAME, validate_collection_name
+
+__all__ = ["IndexStore"]
+
+
+class IndexStore:
+    """Creates, opens (once each: handles are shared), lists and drops collections."""
+
+    def __init__(self, root: Path, config: IndexConfig | None = None) -> None:
+        self.root = Path(root)
+        self.config = config or IndexConfig()
+        self._open: dict[str, Collection] = {}
+        self._lock = threading.Lock()
+
+    def path_of(self, name: str) -> Path:
+        return self.root / validate_collection_name(name)
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()
+        )
+
+    def exists(self, name: str) -> bool:
+        return (self.path_of(name) / MANIFEST_NAME).is_file()
+
+    def create(self, name: str, fingerprint: ModelFingerprint) -> Collection:
+        with self._lock:
+            path = self.path_of(name)
+            if name in self._open or path.exists():
+                raise CollectionExists(f"collection {name!r} already exists", name=name)
+            collection = Collection.create(path, fingerprint, self.config, name=name)
+            self._open[name] = collection
+            return collection
+
+    def open(self, name: str) -> Collection:
+        """The open handle for ``name`` (opened and recovered on first use)."""
+        with self._lock:
+            collection = self._open.get(name)
+            if collection is not None:
+                return collection
+            path = self.path_of(name)
+            if not (path / MANIFEST_NAME).is_file() and not path.is_dir():
+                known = ", ".join(self.names()) or "none"
+                raise CollectionNotFound(
+                    f"no collection {name!r} in {self.root} (known: {known})", name=name
+                )
+            collection = Collection.open(path, self.config)
+            self._open[name] = collection
+            return collection
+
+    def get_or_create(self, name: str, fingerprint: ModelFingerprint) -> Collection:
+        try:
+            return self.open(name)
+        except CollectionNotFound:
+            try:
+                return self.create(name, fingerprint)
+            except CollectionExists:
+                return self.open(name)
+
+    def close(self, name: str | None = None) -> None:
+        """Close one collection, or all of them."""
+        with self._lock:
+            names = [name] if name is not None else list(self._open)
+            for each in names:
+                collection = self._open.pop(each, None)
+                if collection is not None:
+                    collection.close()
+
+    def drop(self, name: str) -> None:
+        """Delete a collection and its files (renamed away first, so a crash never leaves a
+        half-deleted collection under its name)."""
+        with self._lock:
+            path = self.path_of(name)
+            collection = self._open.pop(name, None)
+            if collection is not None:
+                collection.close()
+            if not path.is_dir():
+                raise CollectionNotFound(f"no collection {name!r}", name=name)
+            doomed = self.root / f".{name}.dropped-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
+            os.rename(path, doomed)
+            fsync_dir(self.root)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    def __enter__(self) -> IndexStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

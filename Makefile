@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # Stamp files make re-runs cheap; they are redone when the inputs change.
 STAMP  := $(VENV)/.stamps
 
-.PHONY: run test lint bench venv deps model clean
+.PHONY: run test lint soak bench venv deps model clean
 
 run: deps model
 	$(VENV)/bin/edge-agent serve
@@ -14,6 +14,10 @@ run: deps model
 test: deps $(STAMP)/test-deps
 	$(VENV)/bin/ruff check edge_agent tests bench packaging
 	$(PY) -m pytest -q tests
+
+# Long campaigns that do not fit `make test`: hundreds of SIGKILLs of an index writer.
+soak: deps $(STAMP)/test-deps
+	EDGE_AGENT_SOAK=1 $(PY) -m pytest -q tests/test_index_crash.py
 
 lint: $(STAMP)/test-deps
 	$(VENV)/bin/ruff check edge_agent tests bench packaging

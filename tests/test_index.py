@@ -453,3 +453,17 @@ def test_reindex_cut_short_after_its_commit_opens_as_the_new_model(
         coll.upsert(new, ["more"], unit(rng, 1, 32))
     with Collection.open(tmp_path / "c") as coll:
         assert coll.count() == 21
+
+
+def test_the_index_never_imports_the_embedder() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, edge_agent.index; "
+        "heavy = ('llama_cpp', 'edge_agent.embedder', 'edge_agent.engine'); "
+        "bad = [m for m in heavy if m in sys.modules]; "
+        "sys.exit(repr(bad) if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

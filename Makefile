@@ -48,6 +48,7 @@ deps: $(STAMP)/deps
 
 $(STAMP)/test-deps: pyproject.toml | $(STAMP)/deps
 	$(PIP) install --quiet -e ".[test]"
+	.ci/system-deps
 	@touch $@
 
 # torch is pinned first to the CPU build (a bare `torch` requirement resolves to a multi-GB CUDA

@@ -24,7 +24,9 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .client import AsyncClient, Client
+    from .discovery import browse
     from .embedder import Embedder, EmbedderConfig, Embeddings
+    from .fleet import fleet_search
     from .models import ModelStore
     from .protocol import EmbedResult
     from .worker import ProcessEmbedder
@@ -52,6 +54,8 @@ __all__ = [
     "ProcessEmbedder",
     "TextTooLong",
     "__version__",
+    "browse",
+    "fleet_search",
 ]
 
 _LAZY = {
@@ -63,6 +67,8 @@ _LAZY = {
     "EmbedderConfig": "embedder",
     "Embeddings": "embedder",
     "ModelStore": "models",
+    "browse": "discovery",
+    "fleet_search": "fleet",
 }
 
 

@@ -7,6 +7,7 @@ coroutine stopped by an event, for tests and embedding in another event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shlex
@@ -17,18 +18,27 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
+from .addresses import is_loopback, parse_host_port
+from .discovery import Advertiser, AgentInfo, agent_id_for, bound_addresses
 from .embedder import Embedder, EmbedderConfig
+from .errors import EdgeAgentError, InsecureListen, InvalidArgument
+from .index import IndexConfig, IndexStore
+from .index.manifest import CollectionManifest
+from .index_service import IndexService
+from .metrics import MetricsServer, memory_section, metrics_endpoint
 from .models import DEFAULT_MODEL, ModelStore
 from .paths import default_paths
 from .protocol import Limits
+from .sdnotify import Notifier
 from .selection import Override
 from .selftest import safe_start
 from .server import Server, check_socket_free
-from .service import Service, ServiceConfig, kv
+from .service import Service, ServiceConfig, kv, server_version
 from .worker import ProcessEmbedder
 
-__all__ = ["ServeOptions", "run_server", "serve"]
+__all__ = ["MIN_TOKEN_CHARS", "ServeOptions", "resolve_auth_token", "run_server", "serve"]
 
 log = logging.getLogger("edge_agent.app")
 
@@ -55,10 +65,118 @@ class ServeOptions:
     override: Override | None = None  # what the user pinned (flag > env > config file)
     state_dir: Path | None = None  # tuning results + known-bad files; None: data dir/hardware
     tune_budget_s: float | None = 20.0  # first-start tuning; None skips it
+    # Collections live here (edge_agent.index); None: the platformdirs data dir / "index".
+    index_dir: Path | None = None
+    index: IndexConfig = field(default_factory=IndexConfig)
+    # TCP besides the Unix socket: "HOST:PORT" ("127.0.0.1:7878", "[::1]:0", "0.0.0.0:7878").
+    # A non-loopback HOST refuses to start without an auth token (like Redis' protected mode).
+    listen: str | None = None
+    auth_token_file: Path | None = None  # the token's file (0600); env EDGE_AGENT_TOKEN also
+    auth_token: str | None = None  # resolved token; wins over auth_token_file
+    auth_timeout: float = 10.0  # seconds a TCP peer has to authenticate before it is dropped
+    # Announce the TCP endpoint on the LAN with zeroconf (edge_agent.discovery); needs listen.
+    advertise: bool = False
+    advertise_interfaces: tuple[str, ...] = ()  # addresses/interfaces to announce on; () = all
+    # Prometheus text exposition at http://HOST:PORT/metrics (edge_agent.metrics); None: off.
+    metrics_listen: str | None = None
+    # The Unix socket's permissions: 0o660 lets the socket's group connect (a system service
+    # whose clients are in its group); anything wider is refused.
+    socket_mode: int = 0o600
 
 
-def _open_embedder(options: ServeOptions, store: ModelStore) -> Embedder | ProcessEmbedder:
-    """Select + self-test (unless disabled), then open the engine, isolated by default."""
+MIN_TOKEN_CHARS = 16  # `edge-agent token` makes 43 (32 random bytes, URL-safe base64)
+
+
+def resolve_auth_token(options: ServeOptions, environ: dict[str, str] | None = None) -> str | None:
+    """The TCP auth token: options.auth_token, else the token file, else $EDGE_AGENT_TOKEN."""
+    environ = dict(os.environ) if environ is None else environ
+    token, source = options.auth_token, "auth_token"
+    if token is None and options.auth_token_file is not None:
+        path = Path(options.auth_token_file).expanduser()
+        try:
+            mode = path.stat().st_mode
+            token = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read token file {path}: {exc.strerror or exc}") from exc
+        if mode & 0o077:
+            # Like ssh with a private key: a token others can read is not a secret.
+            raise InsecureListen(
+                f"token file {path} is readable by other users (mode {mode & 0o777:o});"
+                f" run: chmod 600 {shlex.quote(str(path))}"
+            )
+        source = str(path)
+    if token is None and environ.get("EDGE_AGENT_TOKEN"):
+        token, source = environ["EDGE_AGENT_TOKEN"].strip(), "EDGE_AGENT_TOKEN"
+    if token is not None and len(token) < MIN_TOKEN_CHARS:
+        raise InsecureListen(
+            f"the auth token from {source} has {len(token)} characters; use at least"
+            f" {MIN_TOKEN_CHARS} (`edge-agent token` makes one)"
+        )
+    return token
+
+
+def _tcp_endpoint(options: ServeOptions, token: str | None) -> tuple[str, int] | None:
+    if options.listen is None:
+        if options.advertise:
+            raise InvalidArgument("advertise needs TCP: add --listen HOST:PORT")
+        return None
+    host, port = parse_host_port(options.listen)
+    if not is_loopback(host) and token is None:
+        raise InsecureListen(
+            f"refusing to listen on {host}:{port} without an auth token: anyone who can reach"
+            " this address could use the daemon. Create one (`edge-agent token > token &&"
+            " chmod 600 token`) and pass --token-file token (or set EDGE_AGENT_TOKEN), or"
+            " listen on 127.0.0.1"
+        )
+    return host, port
+
+
+def _data_dir(options: ServeOptions) -> Path:
+    """Where this daemon's identity lives: beside its collections."""
+    if options.index_dir:
+        return Path(options.index_dir).expanduser().parent
+    return default_paths().data_dir
+
+
+def _index_dir(options: ServeOptions) -> Path:
+    return Path(options.index_dir or default_paths().data_dir / "index").expanduser()
+
+
+def _quant_of_collections(index_dir: Path, store: ModelStore, model: str) -> tuple[str, str] | None:
+    """The quant whose file the existing collections of ``model`` were embedded with.
+
+    Their vectors only compare with that file's: preferring it keeps them searchable by text
+    when tuning would otherwise pick another quant (a rebuilt engine, new profiles).
+    """
+    shas: dict[str, list[str]] = {}
+    for name in IndexStore(index_dir).names():
+        try:
+            fingerprint = CollectionManifest.load(index_dir / name).fingerprint
+        except EdgeAgentError:
+            continue  # a damaged collection is reported when it is opened
+        if fingerprint.model == model:
+            shas.setdefault(fingerprint.sha256, []).append(name)
+    if len(shas) != 1:
+        return None  # none, or collections disagree: selection decides on its own
+    ((sha, names),) = shas.items()
+    try:
+        files = store.get(model).files
+    except EdgeAgentError:
+        return None
+    for quant, file in files.items():
+        if file.sha256 == sha:
+            return quant, f"collections {', '.join(sorted(names)[:5])} were embedded with it"
+    return None
+
+
+def _open_embedder(
+    options: ServeOptions, store: ModelStore, startup: dict[str, Any] | None = None
+) -> Embedder | ProcessEmbedder:
+    """Select + self-test (unless disabled), then open the engine, isolated by default.
+
+    ``startup`` receives the self-test result of the file being served (for ``health``)."""
+    if startup is not None:
+        startup["selftest"] = {"ok": None, "result": "skipped", "quant": options.quant}
     resolved = None
     config = options.embedder
     if options.select_model:
@@ -71,6 +189,7 @@ def _open_embedder(options: ServeOptions, store: ModelStore) -> Embedder | Proce
         plan = safe_start(
             store,
             options.model,
+            prefer=_quant_of_collections(_index_dir(options), store, options.model),
             state_dir=state_dir,
             override=override,
             tune_budget_s=options.tune_budget_s,
@@ -79,6 +198,17 @@ def _open_embedder(options: ServeOptions, store: ModelStore) -> Embedder | Proce
         for line in plan.report().splitlines():
             log.info("%s", kv(event="model_selection", detail=line))
         resolved, config = plan.resolved, plan.config
+        if startup is not None and plan.outcomes:
+            served = plan.outcomes[-1]
+            startup["selftest"] = {
+                "ok": served.ok,
+                "result": served.kind,  # "ok", or "unverified" without reference vectors
+                "quant": served.quant,
+                "cosine": served.cosine,
+                "seconds": round(served.seconds, 3),
+                "failed_before": [o.line() for o in plan.outcomes[:-1]],
+                "basis": plan.decision.basis,
+            }
     else:
         resolved = store.resolve(options.model, options.quant)
     if options.isolate_engine:
@@ -93,15 +223,21 @@ async def run_server(
 ) -> None:
     """Load the model, serve until ``stop`` is set, then shut down gracefully.
 
-    ``ready(address)`` is called once the socket accepts connections. Raises AlreadyRunning if
+    ``ready(address)`` is called once the socket accepts connections, and once more with the
+    ``tcp://`` address when TCP is on. Raises AlreadyRunning if
     another daemon listens on the socket, ModelNotFound etc. if the model cannot be loaded.
     """
     socket_path = Path(options.socket_path).expanduser()
-    # Fail before spending seconds on the model when another daemon already has the socket.
+    # Fail before spending seconds on the model when another daemon already has the socket or
+    # the TCP settings are unsafe.
     check_socket_free(socket_path)
+    token = resolve_auth_token(options)
+    tcp = _tcp_endpoint(options, token)
+    metrics_at = metrics_endpoint(options.metrics_listen, options.socket_mode)
     limits = Limits(max_message_bytes=options.max_message_bytes)
     store = ModelStore(Path(options.models_dir).expanduser())
-    embedder = await asyncio.to_thread(_open_embedder, options, store)
+    startup: dict[str, Any] = {}
+    embedder = await asyncio.to_thread(_open_embedder, options, store, startup)
     log.info(
         "%s",
         kv(
@@ -117,17 +253,78 @@ async def run_server(
     except BaseException:
         embedder.close()
         raise
-    server = Server(service, socket_path, limits=limits, max_connections=options.max_connections)
+    service.health_sections["selftest"] = lambda: dict(startup["selftest"])
+    # One id per data directory, the same one discovery announces in its TXT record.
+    service.identity["agent_id"] = agent_id_for(_data_dir(options))
+    # The engine child's pid changes when it is restarted after a crash: look it up each time.
+    service.stats_sections["memory"] = functools.partial(
+        memory_section, lambda: getattr(service.embedder, "pid", None)
+    )
+    index_dir = _index_dir(options)
+    index = IndexService(IndexStore(index_dir, options.index), service)
+    server = Server(
+        service,
+        socket_path,
+        limits=limits,
+        max_connections=options.max_connections,
+        tcp=tcp,
+        auth_token=token,
+        auth_timeout=options.auth_timeout,
+    )
+    metrics: MetricsServer | None = None
+    advertiser: Advertiser | None = None
     try:
         await service.start()
+        await index.start()
         await server.start()
+        if options.advertise and server.tcp_port is not None:
+            # Before ready(): once the daemon says it is up, it can also be found.
+            advertiser = await _advertise(options, service, server.tcp_port, token is not None)
+        if options.socket_mode != 0o600:
+            # Widening only (bind made it 0600): group members may connect from now on.
+            os.chmod(socket_path, options.socket_mode)
+        if metrics_at is not None:
+            metrics = MetricsServer(service.report, *metrics_at, version=server_version())
+            await metrics.start()
         if not stop.is_set() and ready is not None:
             ready(server.address)
+            if server.tcp_address is not None:
+                ready(server.tcp_address)
         await stop.wait()
         log.info("%s", kv(event="stopping", grace_s=options.shutdown_grace))
     finally:
+        # Order: stop taking requests and finish those in flight (they may still be queued on
+        # the model or the index writer), then apply the queued writes, then free the model.
+        if advertiser is not None:
+            # Goodbye packets first, so browsers drop this agent before it stops answering.
+            await advertiser.close()
+        if metrics is not None:
+            await metrics.close()
         await server.shutdown(options.shutdown_grace)
+        await asyncio.to_thread(index.close)
         await service.close(options.shutdown_grace)
+
+
+async def _advertise(options: ServeOptions, service: Service, port: int, auth: bool) -> Advertiser:
+    """Announce the TCP endpoint with mDNS (edge_agent.discovery), following model changes."""
+    assert options.listen is not None  # _tcp_endpoint refused advertise without it
+    host, _ = parse_host_port(options.listen)
+    hello = await service.call("hello", [{"client": "edge-agent/advertise"}])
+    agent_id = hello.get("agent_id") or agent_id_for(_data_dir(options))
+
+    def current() -> AgentInfo:
+        embedder = service.embedder
+        return AgentInfo(agent_id, embedder.model_name, embedder.dims, embedder.quant, auth)
+
+    advertiser = Advertiser(
+        current(),
+        port,
+        bound_hosts=bound_addresses(host),
+        interfaces=options.advertise_interfaces,
+        follow=current,
+    )
+    await advertiser.start()
+    return advertiser
 
 
 def _own_command() -> str:
@@ -148,24 +345,39 @@ def serve(options: ServeOptions, ready: Callable[[str], None] | None = None) -> 
     """Run the daemon until SIGINT or SIGTERM (handlers are installed only on the main thread;
     elsewhere stop it by signalling the process or use ``run_server``)."""
 
+    # systemd (Type=notify): READY=1 once the socket listens, watchdog pings, STOPPING=1.
+    notifier = Notifier.from_environ()
+    addresses: list[str] = []
+
     def announce(address: str) -> None:
-        socket_arg = shlex.quote(str(Path(options.socket_path).expanduser()))
+        addresses.append(address)
+        notifier.ready(f"serving on {', '.join(addresses)}")
         print(f"edge-agent listening on {address}")
-        print(f'try: {_own_command()} embed --socket {socket_arg} "hello world"')
+        if address.startswith("unix:"):
+            socket_arg = shlex.quote(str(Path(options.socket_path).expanduser()))
+            print(f'try: {_own_command()} embed --socket {socket_arg} "hello world"')
         sys.stdout.flush()
         if ready is not None:
             ready(address)
 
-    asyncio.run(_serve_until_signal(options, announce))
+    notifier.status("loading the model")
+    asyncio.run(_serve_until_signal(options, announce, notifier))
 
 
-async def _serve_until_signal(options: ServeOptions, ready: Callable[[str], None]) -> None:
+async def _serve_until_signal(
+    options: ServeOptions, ready: Callable[[str], None], notifier: Notifier | None = None
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
+    notifier = notifier or Notifier(None)
+    # Pings start before the model loads (that runs off the loop), so a slow first-start
+    # tuning is not mistaken for a hang, while a blocked loop still is.
+    keepalive = asyncio.create_task(notifier.keepalive(), name="edge-agent-watchdog")
 
     def on_signal(signum: signal.Signals) -> None:
         log.info("%s", kv(event="signal", signal=signum.name))
+        notifier.stopping(f"stopping ({signum.name})")
         stop.set()
         # A second signal gets the default behaviour, so a stuck shutdown can still be killed.
         for sig in installed:
@@ -179,5 +391,7 @@ async def _serve_until_signal(options: ServeOptions, ready: Callable[[str], None
     try:
         await run_server(options, stop, ready)
     finally:
+        keepalive.cancel()
+        await asyncio.gather(keepalive, return_exceptions=True)
         for sig in installed:
             loop.remove_signal_handler(sig)

@@ -18,12 +18,52 @@ __all__ = ["main"]
 log = logging.getLogger("edge_agent.cli")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-        stream=sys.stderr,
-    )
+# -- configuration ------------------------------------------------------------------------------
+
+
+def _config(args: argparse.Namespace, with_profile: bool = False) -> Any:
+    """The effective configuration (flag > env > config file > hardware profile), loaded once
+    per command; ``with_profile`` also probes the host for the profile's values."""
+    from .config import load_config
+
+    cache = vars(args).setdefault("_configs", {})
+    if with_profile not in cache:
+        cache[with_profile] = load_config(
+            args._flags, os.environ, getattr(args, "config", None), with_profile=with_profile
+        )
+    return cache[with_profile]
+
+
+# Options whose default comes from the configuration: (argparse dest, setting key).
+_CONFIGURED_OPTIONS = (
+    ("socket", "socket"),
+    ("connect", "socket"),
+    ("index_dir", "index_dir"),
+    ("model", "model"),
+)
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    """Set logging up and fill the options the user left out from the configuration, so that
+    every command uses the daemon's socket, model store and index."""
+    from .config import Flag, flags_from_args
+    from .logs import setup_logging
+
+    # What the user typed, before the defaults below are filled in.
+    args._flags = flags_from_args(args)
+    if getattr(args, "no_tune", False):
+        args._flags["tune_budget"] = Flag(0.0, "--no-tune")
+    if getattr(args, "without_config", False):
+        # `config path` / `config init` must work whatever the file holds.
+        setup_logging(args.log_level or "info", args.log_format or "kv")
+        return
+    config = _config(args)
+    setup_logging(config["log.level"], config["log.format"])
+    args.models_dir = Path(config["models_dir"])
+    for dest, key in _CONFIGURED_OPTIONS:
+        if dest in vars(args) and getattr(args, dest) is None:
+            value = config[key]
+            setattr(args, dest, str(value) if dest in ("socket", "connect") else value)
 
 
 def _store(args: argparse.Namespace) -> Any:
@@ -110,36 +150,20 @@ def _embedder_config(args: argparse.Namespace) -> Any:
     return EmbedderConfig(threads=args.threads)
 
 
-def _state_dir() -> Path:
-    return default_paths().data_dir / "hardware"
+def _state_dir(args: argparse.Namespace) -> Path:
+    return Path(_config(args)["state_dir"])
 
 
 def _override(args: argparse.Namespace) -> Any:
-    from .selection import override_from
-
-    flags = {
-        "quant": getattr(args, "quant", None),
-        "threads": getattr(args, "threads", None),
-        "profile": getattr(args, "profile", None),
-    }
-    return override_from(flags=flags, environ=os.environ)
+    """What the user pinned for model selection: flags, environment and the config file."""
+    return _config(args).override()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .app import ServeOptions, serve
-    from .embedder import EmbedderConfig
+    from .app import serve
 
-    serve(
-        ServeOptions(
-            socket_path=Path(args.socket),
-            models_dir=args.models_dir,
-            model=args.model,
-            embedder=EmbedderConfig(),
-            override=_override(args),
-            state_dir=_state_dir(),
-            tune_budget_s=None if args.no_tune else args.tune_budget,
-        )
-    )
+    # Flags, environment, config file and the hardware profile, validated once (config.py).
+    serve(_config(args, with_profile=True).serve_options())
     return 0
 
 
@@ -153,7 +177,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from .selection import explain
     from .selftest import plan
 
-    selection = plan(_store(args), args.model, state_dir=_state_dir(), override=_override(args))
+    selection = plan(_store(args), args.model, state_dir=_state_dir(args), override=_override(args))
     print(json.dumps(selection.to_json(), indent=2) if args.json else explain(selection))
     return 0
 
@@ -164,7 +188,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     result = tune(
         _store(args),
         args.model,
-        state_dir=_state_dir(),
+        state_dir=_state_dir(args),
         budget_s=args.budget,
         override=_override(args),
     )
@@ -192,7 +216,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     else:
         from .client import Client
 
-        with Client(Path(args.socket)) as client:
+        with Client(args.socket) as client:
             result = client.embed(texts, **options)
     for index, text in enumerate(texts):
         vector = result.vectors[index]
@@ -243,6 +267,298 @@ def cmd_index_repair(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- discovery ----------------------------------------------------------------------------------
+
+
+def _agent_table(agents: list[Any]) -> str:
+    rows = [("NAME", "AGENT ID", "ADDRESS", "MODEL", "QUANT", "DIMS", "AUTH", "PROTO")]
+    for agent in agents:
+        rows.append(
+            (
+                agent.name,
+                agent.agent_id or "?",
+                agent.endpoint.removeprefix("tcp://"),
+                agent.model or "?",
+                agent.quant or "?",
+                str(agent.dims or "?"),
+                {True: "yes", False: "no", None: "?"}[agent.auth_required],
+                str(agent.protocol or "?"),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    from .discovery import browse
+
+    agents = browse(args.timeout, interfaces=tuple(args.interface))
+    if args.json:
+        print(json.dumps([agent.to_json() for agent in agents], indent=2))
+    elif agents:
+        print(_agent_table(agents))
+    else:
+        print(f"no agents answered within {args.timeout:g}s", file=sys.stderr)
+    return 0
+
+
+# -- the daemon's index and status (client side) --------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from .client import Client
+
+    token = None
+    if getattr(args, "token_file", None):
+        token = Path(args.token_file).expanduser().read_text(encoding="utf-8").strip()
+    return Client(args.connect, timeout=args.timeout, token=token)
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from .ingest import read_sources
+    from .progress import Progress
+
+    docs = read_sources(args.files, sys.stdin, jsonl=args.jsonl, chunk_chars=args.chunk_chars)
+    added = truncated = 0
+    with _client(args) as client, Progress(f"add to {args.collection}", None, " docs") as bar:
+        batch: list[Any] = []
+
+        def flush() -> None:
+            nonlocal added, truncated
+            result = client.add(
+                args.collection,
+                [doc.to_wire() for doc in batch],
+                long_text=args.long_text,
+                store_text=not args.no_text,
+            )
+            added += result["added"]
+            truncated += len(result["truncated"])
+            bar.advance(len(batch))
+            batch.clear()
+
+        for doc in docs:
+            batch.append(doc)
+            if len(batch) >= args.batch:
+                flush()
+        if batch:
+            flush()
+    note = f" ({truncated} truncated to the model's window)" if truncated else ""
+    print(f"added {added} documents to {args.collection}{note}")
+    return 0
+
+
+def _parse_filter(items: list[str]) -> dict[str, Any]:
+    """``key=value`` (equality) or ``key=a|b|c`` (any of); numbers and true/false are typed."""
+    where: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"--filter takes KEY=VALUE or KEY=A|B, got {item!r}")
+        values = [json.loads(v) if _is_json_scalar(v) else v for v in value.split("|")]
+        where[key] = values[0] if len(values) == 1 else {"in": values}
+    return where
+
+
+def _is_json_scalar(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), (int, float, bool))
+    except ValueError:
+        return False
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    if args.fleet:
+        return _fleet_search(args)
+    query = " ".join(args.query)
+    with _client(args) as client:
+        hits = client.search(
+            args.collection, query, k=args.k, filter=_parse_filter(args.filter), ef=args.ef
+        )
+    if args.json:
+        for hit in hits:
+            print(
+                json.dumps(
+                    {"id": hit.id, "score": hit.score, "text": hit.text, "metadata": hit.metadata}
+                )
+            )
+        return 0
+    if not hits:
+        print("no matches")
+    for rank, hit in enumerate(hits, 1):
+        text = " ".join((hit.text or "").split())
+        print(f"{rank:>3}. {hit.score:.4f}  {hit.id}  {text[:80]}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        deleted = client.delete(args.collection, args.ids)
+    print(f"deleted {deleted} of {len(args.ids)} ids from {args.collection}")
+    return 0
+
+
+def cmd_collections(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.action == "list":
+            listed = client.collections()
+            if args.json:
+                print(json.dumps(listed, indent=2))
+            elif not listed:
+                print("no collections")
+            for item in listed if not args.json else []:
+                if item.get("state") != "ok":
+                    print(f"{item['name']:<24} UNAVAILABLE  {item.get('error', '')}")
+                    continue
+                fp = item["fingerprint"]
+                print(
+                    f"{item['name']:<24} {item['count']:>9} docs  {item['dims']}d"
+                    f"  {fp['model']} ({fp['sha256'][:12]})"
+                )
+            return 0
+        if not args.name:
+            raise InvalidArgument(f"collections {args.action} needs a NAME")
+        if args.action == "create":
+            result = client.create_collection(args.name, args.dimensions)
+        elif args.action == "drop":
+            if not args.yes:
+                raise InvalidArgument(
+                    f"dropping deletes every document of {args.name!r}: add --yes to confirm"
+                )
+            client.drop_collection(args.name)
+            result = {"dropped": args.name}
+        else:
+            result = client.collection_info(args.name)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print(json.dumps(client.stats(), indent=2))
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the daemon answers and reports ok, 1 otherwise (for HEALTHCHECK/scripts)."""
+    from .protocol import ProtocolError
+
+    try:
+        with _client(args) as client:
+            health = client.health()
+    except ProtocolError as exc:
+        print(f"unhealthy: {exc.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(health, indent=2) if args.json else health.get("status", "unknown"))
+    return 0 if health.get("status") == "ok" else 1
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    import secrets
+
+    # 32 random bytes: 43 URL-safe characters, well over MIN_TOKEN_CHARS.
+    print(secrets.token_urlsafe(32))
+    return 0
+
+
+# -- config / service ---------------------------------------------------------------------------
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    config = _config(args, with_profile=True)
+    print(json.dumps(config.to_json(), indent=2) if args.json else config.table())
+    return 0
+
+
+def cmd_config_path(args: argparse.Namespace) -> int:
+    from .config import resolve_config_path
+
+    path, _how = resolve_config_path(args.config, os.environ)
+    print(path)
+    return 0
+
+
+def cmd_config_init(args: argparse.Namespace) -> int:
+    from .config import config_template, resolve_config_path
+
+    path, _how = resolve_config_path(args.config, os.environ)
+    if path.exists() and not args.force:
+        raise InvalidArgument(f"{path} exists; add --force to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config_template(), encoding="utf-8")
+    print(f"wrote {path} (every key commented out at its default)")
+    return 0
+
+
+def cmd_service_install(args: argparse.Namespace) -> int:
+    from .service_install import apply, install_plan
+
+    executable = [str(Path(args.executable).absolute())] if args.executable else None
+    plan = install_plan(args.platform, executable, start=not args.no_start)
+    if args.dry_run:
+        print(plan.render(), end="")
+        return 0
+    for line in apply(plan):
+        print(line)
+    for note in plan.notes:
+        print(note)
+    return 0
+
+
+def cmd_service_uninstall(args: argparse.Namespace) -> int:
+    from .service_install import apply, uninstall_plan
+
+    plan = uninstall_plan(args.platform)
+    if args.dry_run:
+        print(plan.render(), end="")
+        return 0
+    for line in apply(plan):
+        print(line)
+    for note in plan.notes:
+        print(note)
+    return 0
+
+
+def _fleet_search(args: argparse.Namespace) -> int:
+    """``search --fleet``: every agent on the LAN; exit 1 when none answered."""
+    from .fleet import fleet_search
+
+    token = None
+    if args.token_file:
+        token = Path(args.token_file).expanduser().read_text(encoding="utf-8").strip()
+    result = fleet_search(
+        args.collection,
+        text=" ".join(args.query),
+        k=args.k,
+        filter=_parse_filter(args.filter),
+        ef=args.ef,
+        browse_timeout=args.browse_timeout,
+        interfaces=tuple(args.interface),
+        timeout=args.agent_timeout,
+        token=token,
+        raw=args.raw,
+    )
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        if not result.hits:
+            print("no matches")
+        for rank, hit in enumerate(result.hits, 1):
+            text = " ".join((hit.text or "").split())
+            print(f"{rank:>3}. {hit.score:.4f}  {hit.agent}  {hit.id}  {text[:60]}")
+        for outcome in result.outcomes:
+            detail = f"{outcome.hits} hits" if outcome.status == "answered" else outcome.reason
+            print(
+                f"agent {outcome.name} ({outcome.agent_id or '?'}): {outcome.status}, {detail}",
+                file=sys.stderr,
+            )
+        if not result.outcomes:
+            print(f"no agents answered within {args.browse_timeout:g}s", file=sys.stderr)
+    return 0 if result.answered else 1
+
+
 # -- parser -------------------------------------------------------------------------------------
 
 
@@ -251,13 +567,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     paths = default_paths()
     parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    # Defaults of None are filled from the configuration (flag > env > config file > default)
+    # by _prepare before a command runs: see `edge-agent config show`.
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="configuration file (env EDGE_AGENT_CONFIG; default: `edge-agent config path`)",
+    )
     parser.add_argument(
         "--models-dir",
         type=Path,
-        default=paths.models_dir,
         help=f"model store (default {paths.models_dir}; env EDGE_AGENT_MODELS_DIR)",
     )
-    parser.add_argument("--log-level", default=os.environ.get("EDGE_AGENT_LOG_LEVEL", "info"))
+    parser.add_argument("--log-level", help="debug, info (default), warning, error")
+    parser.add_argument("--log-format", help="kv (key=value lines, default) or json")
     commands = parser.add_subparsers(dest="command", required=True)
 
     models = commands.add_parser("models", help="manage the model store")
@@ -284,13 +607,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models_verify)
 
     def add_model_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default=os.environ.get("EDGE_AGENT_MODEL", DEFAULT_MODEL))
+        p.add_argument(
+            "--model", help=f"model name (env EDGE_AGENT_MODEL; default {DEFAULT_MODEL})"
+        )
         # None = not given: selection then takes env EDGE_AGENT_QUANT/THREADS, then profiles.
         p.add_argument("--quant", help="pin a quantization (env EDGE_AGENT_QUANT)")
         p.add_argument("--threads", type=int, help="pin the thread count (env EDGE_AGENT_THREADS)")
         p.add_argument("--profile", help="force a hardware profile (env EDGE_AGENT_PROFILE)")
 
-    socket_default = os.environ.get("EDGE_AGENT_SOCKET", str(paths.default_socket))
+    socket_default = None  # from the configuration: flag > EDGE_AGENT_SOCKET > file > default
     p = commands.add_parser("serve", help="run the daemon in the foreground")
     p.add_argument(
         "--socket", default=socket_default, help="Unix socket path (env EDGE_AGENT_SOCKET)"
@@ -299,17 +624,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tune-budget",
         type=float,
-        default=20.0,
         help="seconds of measurement on first start (default 20)",
     )
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9464)",
+    )
     p.add_argument("--no-tune", action="store_true", help="use the profile rules only")
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="also serve TCP (127.0.0.1:7878; other addresses need a token)",
+    )
+    p.add_argument("--token-file", help="TCP auth token file, mode 0600 (or env EDGE_AGENT_TOKEN)")
+    p.add_argument(
+        "--index-dir", type=Path, help=f"collections root (default {paths.data_dir / 'index'})"
+    )
+    p.add_argument(
+        "--advertise",
+        action="store_true",
+        help="announce the TCP endpoint on the LAN with mDNS (needs --listen)",
+    )
+    p.add_argument(
+        "--advertise-interface",
+        action="append",
+        metavar="NAME|ADDRESS",
+        help="announce only on this interface or address (repeatable; default all)",
+    )
     p.set_defaults(func=cmd_serve)
 
     index = commands.add_parser("index", help="check or repair a collection on disk")
     index.add_argument(
         "--index-dir",
         type=Path,
-        default=paths.data_dir / "index",
         help=f"collections root (default {paths.data_dir / 'index'})",
     )
     index_commands = index.add_subparsers(dest="index_command", required=True)
@@ -335,6 +683,80 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     p.set_defaults(func=cmd_tune)
 
+    def add_client_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--connect",
+            "--socket",
+            dest="connect",
+            default=socket_default,
+            metavar="ADDRESS",
+            help="socket path or HOST:PORT (env EDGE_AGENT_SOCKET; default %(default)s)",
+        )
+        p.add_argument("--token-file", help="auth token for TCP (else env EDGE_AGENT_TOKEN)")
+        p.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+
+    p = commands.add_parser("add", help="embed and store documents (files, JSONL, or stdin)")
+    p.add_argument("collection")
+    p.add_argument("files", nargs="*", help="text or .jsonl files; - or none: stdin")
+    p.add_argument("--jsonl", action="store_true", help="read every input as JSONL")
+    p.add_argument("--chunk-chars", type=int, default=1000, help="plain-text chunk size")
+    p.add_argument("--batch", type=int, default=64, help="documents per request (default 64)")
+    p.add_argument("--long-text", choices=("truncate", "chunk", "error"), default="truncate")
+    p.add_argument("--no-text", action="store_true", help="store vectors and metadata only")
+    add_client_options(p)
+    p.set_defaults(func=cmd_add)
+
+    p = commands.add_parser("search", help="top-k documents of a collection for a query")
+    p.add_argument("collection")
+    p.add_argument("query", nargs="+")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE[|VALUE...]")
+    p.add_argument("--ef", type=int, help="HNSW search breadth (recall vs speed)")
+    p.add_argument("--json", action="store_true")
+    add_client_options(p)
+    fleet = p.add_argument_group("fleet search (every agent discovered on the LAN)")
+    fleet.add_argument("--fleet", action="store_true", help="search every agent that has it")
+    fleet.add_argument(
+        "--raw", action="store_true", help="also merge agents of another model (scores differ)"
+    )
+    fleet.add_argument(
+        "--browse-timeout", type=float, default=2.0, help="seconds to discover (default 2)"
+    )
+    fleet.add_argument(
+        "--agent-timeout", type=float, default=5.0, help="seconds per call to an agent (default 5)"
+    )
+    fleet.add_argument(
+        "--interface", action="append", default=[], help="browse only here (repeatable)"
+    )
+    p.set_defaults(func=cmd_search)
+
+    p = commands.add_parser("delete", help="delete documents by id")
+    p.add_argument("collection")
+    p.add_argument("ids", nargs="+")
+    add_client_options(p)
+    p.set_defaults(func=cmd_delete)
+
+    p = commands.add_parser("collections", help="list, create, drop or describe collections")
+    p.add_argument("action", nargs="?", default="list", choices=("list", "create", "drop", "info"))
+    p.add_argument("name", nargs="?")
+    p.add_argument("--dimensions", type=int, help="create: a Matryoshka size of the model")
+    p.add_argument("--yes", action="store_true", help="drop: confirm")
+    p.add_argument("--json", action="store_true")
+    add_client_options(p)
+    p.set_defaults(func=cmd_collections)
+
+    p = commands.add_parser("stats", help="the daemon's counters and latency percentiles")
+    add_client_options(p)
+    p.set_defaults(func=cmd_stats)
+
+    p = commands.add_parser("health", help="exit 0 if the daemon is healthy, 1 otherwise")
+    p.add_argument("--json", action="store_true")
+    add_client_options(p)
+    p.set_defaults(func=cmd_health)
+
+    p = commands.add_parser("token", help="print a new random auth token for --listen")
+    p.set_defaults(func=cmd_token)
+
     p = commands.add_parser("embed", help="embed texts (arguments, or stdin lines)")
     p.add_argument("texts", nargs="*")
     p.add_argument("--socket", default=socket_default)
@@ -346,14 +768,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per text")
     add_model_options(p)
     p.set_defaults(func=cmd_embed)
+
+    p = commands.add_parser("discover", help="list the agents advertising on the LAN (mDNS)")
+    p.add_argument(
+        "--timeout", type=float, default=3.0, help="seconds to listen for answers (default 3)"
+    )
+    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--interface",
+        action="append",
+        default=[],
+        help="browse only on this interface name or address (repeatable; default all)",
+    )
+    p.set_defaults(func=cmd_discover)
+
+    config = commands.add_parser("config", help="the effective configuration and its file")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    p = config_commands.add_parser("show", help="every setting, its value and where it came from")
+    p.add_argument("--json", action="store_true")
+    add_model_options(p)
+    p.set_defaults(func=cmd_config_show)
+    p = config_commands.add_parser("path", help="the configuration file that is read")
+    p.set_defaults(func=cmd_config_path, without_config=True)
+    p = config_commands.add_parser("init", help="write a commented configuration file")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(func=cmd_config_init, without_config=True)
+
+    service = commands.add_parser("service", help="run at boot: systemd (Linux), launchd (macOS)")
+    service_commands = service.add_subparsers(dest="service_command", required=True)
+    for action, what in (("install", "install and start"), ("uninstall", "stop and remove")):
+        p = service_commands.add_parser(action, help=f"{what} the service")
+        p.add_argument("--dry-run", action="store_true", help="print the files and commands")
+        p.add_argument("--platform", choices=("linux", "macos"), help="default: this machine's")
+        if action == "install":
+            p.add_argument("--exec", dest="executable", help="edge-agent executable to run")
+            p.add_argument("--no-start", action="store_true", help="install and enable only")
+        p.set_defaults(func=cmd_service_install if action == "install" else cmd_service_uninstall)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level)
     try:
+        _prepare(args)
         code = args.func(args)
     except EdgeAgentError as exc:
         print(f"edge-agent: error {int(exc.code)} {exc.code.name}: {exc.message}", file=sys.stderr)

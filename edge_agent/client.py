@@ -1,8 +1,12 @@
 """Clients for the daemon: ``Client`` (blocking) and ``AsyncClient`` (asyncio).
 
-Both speak docs/protocol.md over the Unix socket and raise the same typed exceptions the server
-raised (errors.py and protocol.py classes, matched by code). Importing this module loads no
-engine code (llama.cpp, hnswlib): only msgpack and numpy.
+Both speak docs/protocol.md over the Unix socket or TCP and raise the same typed exceptions the
+server raised (errors.py and protocol.py classes, matched by code). Importing this module loads
+no engine code (llama.cpp, hnswlib): only msgpack and numpy.
+
+Addresses: a socket path (``/run/edge-agent/agent.sock``, ``unix:PATH``), or TCP as
+``tcp://HOST:PORT`` / ``HOST:PORT`` / ``[IPv6]:PORT``. Over TCP a token (argument, else
+$EDGE_AGENT_TOKEN) is sent with ``auth`` on every new connection.
 
 A call that fails because the connection broke raises ConnectionFailed and the next call opens
 a new connection. Idempotent methods are retried once, on a fresh connection, when a reused
@@ -15,13 +19,17 @@ import asyncio
 import contextlib
 import itertools
 import os
+import re
 import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from . import __version__
 from .errors import InvalidArgument
@@ -29,6 +37,8 @@ from .paths import default_paths
 from .protocol import (
     ERROR_NOTIFICATION,
     PROTOCOL_VERSION,
+    AddArgs,
+    AddVectorsArgs,
     BadRequest,
     BadResponse,
     ConnectionFailed,
@@ -40,13 +50,20 @@ from .protocol import (
     ProtocolError,
     RequestTimeout,
     Response,
+    SearchArgs,
+    SearchHit,
+    decode_vectors,
     encode_request,
+    encode_vectors,
     error_from_wire,
     named_args,
     parse_message,
 )
 
-__all__ = ["AsyncClient", "Client", "EmbedResult"]
+if TYPE_CHECKING:  # fleet imports this module; at run time it is imported on first use
+    from .fleet import FleetResult
+
+__all__ = ["AsyncClient", "Client", "EmbedResult", "Endpoint", "SearchHit", "parse_address"]
 
 # Replies are not bounded by the server's request limit: a batch of long vectors can exceed it.
 DEFAULT_MAX_RESPONSE_BYTES = 1 << 30
@@ -54,15 +71,58 @@ _RESPONSE_LIMITS_ARRAY = 1 << 24
 _RESPONSE_LIMITS_MAP = 1 << 16
 _READ_CHUNK = 256 << 10
 # Safe to send twice: they change nothing on the server.
-IDEMPOTENT_METHODS = frozenset({"hello", "health", "stats", "embed"})
+IDEMPOTENT_METHODS = frozenset({"hello", "health", "stats", "embed", "search", "get", "count"})
 CLIENT_NAME = f"edge-agent-python/{__version__}"
 
 
-def _resolve_socket(socket_path: str | os.PathLike[str] | None) -> Path:
-    if socket_path is None:
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a daemon listens: a Unix socket ``path``, or TCP ``host`` and ``port``."""
+
+    path: Path | None = None
+    host: str | None = None
+    port: int | None = None
+
+    @property
+    def is_tcp(self) -> bool:
+        return self.host is not None
+
+    def __str__(self) -> str:
+        if self.host is None:
+            return str(self.path)
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+_HOST_PORT = re.compile(
+    r"^(?:\[(?P<v6>[0-9A-Fa-f:.%a-zA-Z0-9]+)\]|(?P<host>[^/:\[\]]+)):(?P<port>\d{1,5})$"
+)
+
+
+def parse_address(address: str | os.PathLike[str] | Endpoint | None) -> Endpoint:
+    """A socket path, ``unix:PATH``, ``tcp://HOST:PORT``, ``HOST:PORT`` or ``[V6]:PORT``;
+    None: $EDGE_AGENT_SOCKET, else the default socket. A string with a ``/`` is a path."""
+    if isinstance(address, Endpoint):
+        return address
+    if address is None:
         env = os.environ.get("EDGE_AGENT_SOCKET")
-        return Path(env).expanduser() if env else default_paths().default_socket
-    return Path(socket_path).expanduser()
+        return Endpoint(path=Path(env).expanduser() if env else default_paths().default_socket)
+    if not isinstance(address, str):
+        return Endpoint(path=Path(address).expanduser())
+    if address.startswith("unix:"):
+        return Endpoint(path=Path(address[5:]).expanduser())
+    text = address[6:] if address.startswith("tcp://") else address
+    match = _HOST_PORT.match(text)
+    if match and ("/" not in text) and int(match["port"]) <= 65535:
+        return Endpoint(host=match["v6"] or match["host"], port=int(match["port"]))
+    if address.startswith("tcp://"):
+        raise InvalidArgument(f"a TCP address is tcp://HOST:PORT, got {address!r:.80}")
+    return Endpoint(path=Path(address).expanduser())
+
+
+def _token_for(endpoint: Endpoint, token: str | None) -> str | None:
+    if token is not None or not endpoint.is_tcp:
+        return token
+    return os.environ.get("EDGE_AGENT_TOKEN") or None
 
 
 def _response_limits(max_response_bytes: int) -> Limits:
@@ -86,16 +146,20 @@ def _embed_args(
     return EmbedArgs(list(texts), kind, instruction, dimensions, long_text).to_args()
 
 
-def _connect_error(path: Path, exc: OSError) -> ConnectionFailed:
+def _connect_error(endpoint: Endpoint, exc: OSError) -> ConnectionFailed:
     if isinstance(exc, FileNotFoundError):
         reason = "no daemon socket (start one with `edge-agent serve`)"
     elif isinstance(exc, ConnectionRefusedError):
-        reason = "nothing is listening (a daemon died and left its socket)"
+        reason = (
+            "connection refused (is `edge-agent serve --listen` running there?)"
+            if endpoint.is_tcp
+            else "nothing is listening (a daemon died and left its socket)"
+        )
     elif isinstance(exc, PermissionError):
         reason = "permission denied (the socket belongs to another user)"
     else:
         reason = str(exc)
-    return ConnectionFailed(f"cannot connect to {path}: {reason}", path=str(path))
+    return ConnectionFailed(f"cannot connect to {endpoint}: {reason}", address=str(endpoint))
 
 
 def _read_message(message: Any) -> Response | Notification:
@@ -134,6 +198,123 @@ def _check_hello(result: Any) -> dict[str, Any]:
     return result
 
 
+# -- index method arguments and results (shared by both clients) ----------------------------------
+
+
+def _doc_map(doc: Any, index: int) -> dict[str, Any]:
+    if isinstance(doc, Mapping):
+        return {k: v for k, v in doc.items() if v is not None}
+    if isinstance(doc, tuple) and len(doc) in (2, 3):
+        return {"id": doc[0], "text": doc[1], **({"metadata": doc[2]} if len(doc) == 3 else {})}
+    raise InvalidArgument(f"docs[{index}] must be a map with id/text/metadata or (id, text)")
+
+
+def _add_args(
+    collection: str,
+    docs: Sequence[Any],
+    if_exists: str,
+    create: bool,
+    store_text: bool,
+    long_text: str,
+) -> dict[str, Any]:
+    if isinstance(docs, (str, bytes, Mapping)):
+        raise InvalidArgument("docs must be a list of documents")
+    args = {
+        "collection": collection,
+        "docs": [_doc_map(doc, i) for i, doc in enumerate(docs)],
+        "if_exists": if_exists,
+        "create": create,
+        "store_text": store_text,
+        "long_text": long_text,
+    }
+    AddArgs.from_args(args)  # the server checks again; this fails fast, before any bytes move
+    return args
+
+
+def _add_vectors_args(
+    collection: str,
+    ids: Sequence[str],
+    vectors: Any,
+    texts: Sequence[str | None] | None,
+    metadata: Sequence[Mapping[str, Any] | None] | None,
+    if_exists: str,
+    create: bool,
+) -> dict[str, Any]:
+    encoded = encode_vectors(np.atleast_2d(np.asarray(vectors, dtype=np.float32)))
+    args: dict[str, Any] = {
+        "collection": collection,
+        "ids": list(ids),
+        "vectors": encoded["vectors"],
+        "dims": encoded["dims"],
+        "if_exists": if_exists,
+        "create": create,
+    }
+    if texts is not None:
+        args["texts"] = list(texts)
+    if metadata is not None:
+        args["metadata"] = [None if m is None else dict(m) for m in metadata]
+    AddVectorsArgs.from_args(args)
+    return args
+
+
+def _search_args(
+    collection: str,
+    text: str | None,
+    vector: Any,
+    k: int,
+    filter: Mapping[str, Any] | None,
+    ef: int | None,
+    instruction: str | None,
+    include_text: bool,
+) -> dict[str, Any]:
+    args: dict[str, Any] = {"collection": collection, "k": k, "include_text": include_text}
+    if text is not None:
+        args["text"] = text
+    if vector is not None:
+        encoded = encode_vectors(np.asarray(vector, dtype=np.float32).reshape(1, -1))
+        args["vector"], args["dims"] = encoded["vectors"], encoded["dims"]
+    if filter:
+        args["filter"] = dict(filter)
+    if ef is not None:
+        args["ef"] = ef
+    if instruction is not None:
+        args["instruction"] = instruction
+    SearchArgs.from_args(args)
+    return args
+
+
+def _hits(result: Any) -> list[SearchHit]:
+    if not isinstance(result, dict) or not isinstance(result.get("hits"), list):
+        raise BadResponse("search result has no hits list")
+    return [SearchHit.from_wire(hit) for hit in result["hits"]]
+
+
+def _documents(result: Any, with_vectors: bool) -> list[dict[str, Any] | None]:
+    if not isinstance(result, dict) or not isinstance(result.get("documents"), list):
+        raise BadResponse("get result has no documents list")
+    docs = result["documents"]
+    if with_vectors:
+        vectors = decode_vectors(result.get("vectors"), result.get("dims"), result.get("count"))
+        found = [d for d in docs if d is not None]
+        if len(found) != len(vectors):
+            raise BadResponse(f"{len(vectors)} vectors for {len(found)} documents")
+        for doc, vector in zip(found, vectors, strict=True):
+            doc["vector"] = vector
+    return docs
+
+
+def _int_field(result: Any, name: str) -> int:
+    if not isinstance(result, dict) or not isinstance(result.get(name), int):
+        raise BadResponse(f"result has no integer {name}")
+    return result[name]
+
+
+def _collection_list(result: Any) -> list[dict[str, Any]]:
+    if not isinstance(result, dict) or not isinstance(result.get("collections"), list):
+        raise BadResponse("collections result has no list")
+    return result["collections"]
+
+
 class Client:
     """Blocking client; one connection, one call at a time (thread-safe by a lock).
 
@@ -142,13 +323,16 @@ class Client:
 
     def __init__(
         self,
-        socket_path: str | os.PathLike[str] | None = None,
+        address: str | os.PathLike[str] | Endpoint | None = None,
         timeout: float | None = 30.0,
         *,
+        token: str | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
-        self.socket_path = _resolve_socket(socket_path)
+        self.endpoint = parse_address(address)
+        self.socket_path = self.endpoint.path  # None over TCP
         self.timeout = timeout
+        self._token = _token_for(self.endpoint, token)
         self._limits = _response_limits(max_response_bytes)
         self._sock: socket.socket | None = None
         self._decoder: Decoder | None = None
@@ -190,18 +374,32 @@ class Client:
         return remaining
 
     def _connect(self, deadline: float | None) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self._remaining(deadline))
+        endpoint = self.endpoint
         try:
-            sock.connect(os.fspath(self.socket_path))
+            if endpoint.is_tcp:
+                sock = socket.create_connection(
+                    (endpoint.host, endpoint.port), timeout=self._remaining(deadline)
+                )
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            else:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(self._remaining(deadline))
+                try:
+                    sock.connect(os.fspath(endpoint.path))
+                except BaseException:
+                    sock.close()
+                    raise
         except TimeoutError:
-            sock.close()
-            raise RequestTimeout(f"connecting to {self.socket_path} timed out") from None
+            raise RequestTimeout(f"connecting to {endpoint} timed out") from None
         except OSError as exc:
-            sock.close()
-            raise _connect_error(self.socket_path, exc) from exc
+            raise _connect_error(endpoint, exc) from exc
         self._sock = sock
         self._decoder = Decoder(self._limits)
+        if self._token is not None:
+            reply = self._roundtrip("auth", {"token": self._token}, deadline)
+            if reply.error is not None:
+                self._disconnect()
+                raise error_from_wire(reply.error)
         return sock
 
     def call(self, method: str, args: Mapping[str, Any] | None = None) -> Any:
@@ -244,7 +442,7 @@ class Client:
             fatal = self._buffered_fatal(sock)
             if fatal is not None:
                 raise fatal from None
-            raise ConnectionFailed(f"connection to {self.socket_path} broke: {exc}") from exc
+            raise ConnectionFailed(f"connection to {self.endpoint} broke: {exc}") from exc
         decoder = self._decoder
         assert decoder is not None
         while True:
@@ -264,9 +462,9 @@ class Client:
             except TimeoutError:
                 raise RequestTimeout(f"{method} timed out after {self.timeout}s") from None
             except OSError as exc:
-                raise ConnectionFailed(f"connection to {self.socket_path} broke: {exc}") from exc
+                raise ConnectionFailed(f"connection to {self.endpoint} broke: {exc}") from exc
             if not data:
-                raise ConnectionFailed(f"the daemon at {self.socket_path} closed the connection")
+                raise ConnectionFailed(f"the daemon at {self.endpoint} closed the connection")
             decoder.feed(data)
 
     def _buffered_fatal(self, sock: socket.socket) -> ProtocolError | None:
@@ -312,6 +510,142 @@ class Client:
     def stats(self) -> dict[str, Any]:
         return self.call("stats")
 
+    # -- index --------------------------------------------------------------------------------
+
+    def add(
+        self,
+        collection: str,
+        docs: Sequence[Any],
+        *,
+        if_exists: str = "replace",
+        create: bool = True,
+        store_text: bool = True,
+        long_text: str = "truncate",
+    ) -> dict[str, Any]:
+        """Embed and store documents: maps with id, text, metadata (or (id, text) pairs).
+        Returns {"added", "lsn", "truncated": [indices], "tokens"} once durable."""
+        args = _add_args(collection, docs, if_exists, create, store_text, long_text)
+        return self.call("add", args)
+
+    def add_vectors(
+        self,
+        collection: str,
+        ids: Sequence[str],
+        vectors: Any,
+        *,
+        texts: Sequence[str | None] | None = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        if_exists: str = "replace",
+        create: bool = True,
+    ) -> dict[str, Any]:
+        args = _add_vectors_args(collection, ids, vectors, texts, metadata, if_exists, create)
+        return self.call("add_vectors", args)
+
+    def search(
+        self,
+        collection: str,
+        text: str | None = None,
+        *,
+        vector: Any = None,
+        k: int = 10,
+        filter: Mapping[str, Any] | None = None,
+        ef: int | None = None,
+        instruction: str | None = None,
+        include_text: bool = True,
+    ) -> list[SearchHit]:
+        """Top-k by cosine similarity, best first; by query ``text`` or a ``vector``."""
+        args = _search_args(collection, text, vector, k, filter, ef, instruction, include_text)
+        return _hits(self.call("search", args))
+
+    def get(
+        self, collection: str, ids: Sequence[str], *, with_vectors: bool = False
+    ) -> list[dict[str, Any] | None]:
+        """Documents by id, in order (None where absent); ``vector`` added on request."""
+        args = {"collection": collection, "ids": list(ids), "with_vectors": with_vectors}
+        return _documents(self.call("get", args), with_vectors)
+
+    def delete(self, collection: str, ids: Sequence[str]) -> int:
+        """Delete by id; returns how many existed."""
+        result = self.call("delete", {"collection": collection, "ids": list(ids)})
+        return _int_field(result, "deleted")
+
+    def count(self, collection: str) -> int:
+        return _int_field(self.call("count", {"collection": collection}), "count")
+
+    def collections(self) -> list[dict[str, Any]]:
+        return _collection_list(self.call("collections", {"action": "list"}))
+
+    def create_collection(self, name: str, dimensions: int | None = None) -> dict[str, Any]:
+        args: dict[str, Any] = {"action": "create", "name": name}
+        if dimensions is not None:
+            args["dimensions"] = dimensions
+        return self.call("collections", args)
+
+    def drop_collection(self, name: str) -> None:
+        self.call("collections", {"action": "drop", "name": name})
+
+    def collection_info(self, name: str) -> dict[str, Any]:
+        return self.call("collections", {"action": "info", "name": name})
+
+    # -- LAN discovery --------------------------------------------------------------------------
+
+    @classmethod
+    def discover(
+        cls,
+        agent: str,
+        browse_timeout: float = 3.0,
+        *,
+        token: str | None = None,
+        timeout: float | None = 30.0,
+        interfaces: Sequence[str] = (),
+    ) -> Client:
+        """A client connected to the agent with this id (or unique id prefix) or instance name,
+        found on the LAN with mDNS (edge_agent.discovery). Each announced address is tried in
+        turn; the one whose ``hello`` names the same agent id wins. AgentNotFound otherwise."""
+        from .discovery import find_agent
+
+        found = find_agent(agent, browse_timeout, interfaces=interfaces)
+        failures: list[str] = []
+        for endpoint in found.endpoints():
+            client = cls(endpoint, timeout, token=token)
+            try:
+                reason = _hello_mismatch(client.hello(), found.agent_id)
+            except ConnectionFailed as exc:
+                reason = exc.message
+            except BaseException:
+                client.close()
+                raise
+            if reason is None:
+                return client
+            client.close()
+            failures.append(f"{endpoint}: {reason}")
+        raise _unreachable(found.label(), failures)
+
+    @staticmethod
+    def fleet_search(collection: str, **kwargs: Any) -> FleetResult:
+        """``edge_agent.fleet.fleet_search``: one query across every agent on the LAN."""
+        from .fleet import fleet_search
+
+        return fleet_search(collection, **kwargs)
+
+
+def _hello_mismatch(hello: Mapping[str, Any], agent_id: str | None) -> str | None:
+    """Why this answer is not the agent that was discovered (None: it is). The address may
+    have been reused by another daemon since the announcement."""
+    theirs = hello.get("agent_id")
+    if agent_id is not None and theirs is not None and theirs != agent_id:
+        return f"another agent answers there ({theirs})"
+    return None
+
+
+def _unreachable(label: str, failures: Sequence[str]) -> Exception:
+    from .errors import AgentNotFound
+
+    return AgentNotFound(
+        f"{label} was discovered but no announced address answers as it: {'; '.join(failures)}",
+        agent=label,
+    )
+
 
 class _AsyncConnection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -327,13 +661,16 @@ class AsyncClient:
 
     def __init__(
         self,
-        socket_path: str | os.PathLike[str] | None = None,
+        address: str | os.PathLike[str] | Endpoint | None = None,
         timeout: float | None = 30.0,
         *,
+        token: str | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
-        self.socket_path = _resolve_socket(socket_path)
+        self.endpoint = parse_address(address)
+        self.socket_path = self.endpoint.path  # None over TCP
         self.timeout = timeout
+        self._token = _token_for(self.endpoint, token)
         self._limits = _response_limits(max_response_bytes)
         self._conn: _AsyncConnection | None = None
         self._connect_lock: asyncio.Lock | None = None
@@ -375,24 +712,31 @@ class AsyncClient:
         async with self._connect_lock:
             if self._conn is not None and not self._conn.closed:
                 return self._conn, False
+            endpoint = self.endpoint
+            opening = (
+                asyncio.open_connection(endpoint.host, endpoint.port)
+                if endpoint.is_tcp
+                else asyncio.open_unix_connection(os.fspath(endpoint.path))
+            )
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_unix_connection(os.fspath(self.socket_path)), self.timeout
-                )
+                reader, writer = await asyncio.wait_for(opening, self.timeout)
             except TimeoutError:
-                raise RequestTimeout(f"connecting to {self.socket_path} timed out") from None
+                raise RequestTimeout(f"connecting to {endpoint} timed out") from None
             except OSError as exc:
-                raise _connect_error(self.socket_path, exc) from exc
+                raise _connect_error(endpoint, exc) from exc
             conn = _AsyncConnection(reader, writer)
             conn.reader_task = asyncio.create_task(self._read_loop(conn))
             self._conn = conn
+            if self._token is not None:
+                response = await self._request(conn, "auth", {"token": self._token})
+                if response.error is not None:
+                    self._fail(conn, ConnectionFailed("authentication failed"))
+                    raise error_from_wire(response.error)
             return conn, True
 
     async def _read_loop(self, conn: _AsyncConnection) -> None:
         decoder = Decoder(self._limits)
-        error: Exception = ConnectionFailed(
-            f"the daemon at {self.socket_path} closed the connection"
-        )
+        error: Exception = ConnectionFailed(f"the daemon at {self.endpoint} closed the connection")
         try:
             while True:
                 data = await conn.reader.read(min(_READ_CHUNK, max(decoder.room(), 1)))
@@ -412,27 +756,31 @@ class AsyncClient:
         except ProtocolError as exc:
             error = exc
         except OSError as exc:
-            error = ConnectionFailed(f"connection to {self.socket_path} broke: {exc}")
+            error = ConnectionFailed(f"connection to {self.endpoint} broke: {exc}")
         finally:
             self._fail(conn, error)
+
+    async def _request(
+        self, conn: _AsyncConnection, method: str, args: Mapping[str, Any] | None
+    ) -> Response:
+        msgid = next(self._ids) & 0xFFFFFFFF
+        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        conn.pending[msgid] = future
+        try:
+            payload = encode_request(msgid, method, args)
+            return await asyncio.wait_for(self._send_and_wait(conn, future, payload), self.timeout)
+        except TimeoutError:
+            raise RequestTimeout(f"{method} timed out after {self.timeout}s") from None
+        finally:
+            conn.pending.pop(msgid, None)  # a late reply is dropped by msgid
 
     async def call(self, method: str, args: Mapping[str, Any] | None = None) -> Any:
         attempts = 2 if method in IDEMPOTENT_METHODS else 1
         for attempt in range(attempts):
             conn, fresh = await self._connection()
-            msgid = next(self._ids) & 0xFFFFFFFF
-            future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
-            conn.pending[msgid] = future
             try:
-                payload = encode_request(msgid, method, args)
-                response = await asyncio.wait_for(
-                    self._send_and_wait(conn, future, payload), self.timeout
-                )
-            except TimeoutError:
-                conn.pending.pop(msgid, None)  # a late reply is dropped by msgid
-                raise RequestTimeout(f"{method} timed out after {self.timeout}s") from None
+                response = await self._request(conn, method, args)
             except ConnectionFailed:
-                conn.pending.pop(msgid, None)
                 if not fresh and attempt + 1 < attempts:
                     continue
                 raise
@@ -453,7 +801,7 @@ class AsyncClient:
             if conn.reader_task is not None:
                 await asyncio.wait({conn.reader_task}, timeout=1.0)
             if not future.done():
-                error = ConnectionFailed(f"connection to {self.socket_path} broke: {exc}")
+                error = ConnectionFailed(f"connection to {self.endpoint} broke: {exc}")
                 self._fail(conn, error)
         return await future
 
@@ -481,3 +829,118 @@ class AsyncClient:
     async def stats(self) -> dict[str, Any]:
         return await self.call("stats")
 
+    # -- index --------------------------------------------------------------------------------
+
+    async def add(
+        self,
+        collection: str,
+        docs: Sequence[Any],
+        *,
+        if_exists: str = "replace",
+        create: bool = True,
+        store_text: bool = True,
+        long_text: str = "truncate",
+    ) -> dict[str, Any]:
+        """Embed and store documents: maps with id, text, metadata (or (id, text) pairs).
+        Returns {"added", "lsn", "truncated": [indices], "tokens"} once durable."""
+        args = _add_args(collection, docs, if_exists, create, store_text, long_text)
+        return await self.call("add", args)
+
+    async def add_vectors(
+        self,
+        collection: str,
+        ids: Sequence[str],
+        vectors: Any,
+        *,
+        texts: Sequence[str | None] | None = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        if_exists: str = "replace",
+        create: bool = True,
+    ) -> dict[str, Any]:
+        args = _add_vectors_args(collection, ids, vectors, texts, metadata, if_exists, create)
+        return await self.call("add_vectors", args)
+
+    async def search(
+        self,
+        collection: str,
+        text: str | None = None,
+        *,
+        vector: Any = None,
+        k: int = 10,
+        filter: Mapping[str, Any] | None = None,
+        ef: int | None = None,
+        instruction: str | None = None,
+        include_text: bool = True,
+    ) -> list[SearchHit]:
+        """Top-k by cosine similarity, best first; by query ``text`` or a ``vector``."""
+        args = _search_args(collection, text, vector, k, filter, ef, instruction, include_text)
+        return _hits(await self.call("search", args))
+
+    async def get(
+        self, collection: str, ids: Sequence[str], *, with_vectors: bool = False
+    ) -> list[dict[str, Any] | None]:
+        """Documents by id, in order (None where absent); ``vector`` added on request."""
+        args = {"collection": collection, "ids": list(ids), "with_vectors": with_vectors}
+        return _documents(await self.call("get", args), with_vectors)
+
+    async def delete(self, collection: str, ids: Sequence[str]) -> int:
+        """Delete by id; returns how many existed."""
+        result = await self.call("delete", {"collection": collection, "ids": list(ids)})
+        return _int_field(result, "deleted")
+
+    async def count(self, collection: str) -> int:
+        return _int_field(await self.call("count", {"collection": collection}), "count")
+
+    async def collections(self) -> list[dict[str, Any]]:
+        return _collection_list(await self.call("collections", {"action": "list"}))
+
+    async def create_collection(self, name: str, dimensions: int | None = None) -> dict[str, Any]:
+        args: dict[str, Any] = {"action": "create", "name": name}
+        if dimensions is not None:
+            args["dimensions"] = dimensions
+        return await self.call("collections", args)
+
+    async def drop_collection(self, name: str) -> None:
+        await self.call("collections", {"action": "drop", "name": name})
+
+    async def collection_info(self, name: str) -> dict[str, Any]:
+        return await self.call("collections", {"action": "info", "name": name})
+
+    # -- LAN discovery --------------------------------------------------------------------------
+
+    @classmethod
+    async def discover(
+        cls,
+        agent: str,
+        browse_timeout: float = 3.0,
+        *,
+        token: str | None = None,
+        timeout: float | None = 30.0,
+        interfaces: Sequence[str] = (),
+    ) -> AsyncClient:
+        """``Client.discover`` for asyncio."""
+        from .discovery import async_find_agent
+
+        found = await async_find_agent(agent, browse_timeout, interfaces=interfaces)
+        failures: list[str] = []
+        for endpoint in found.endpoints():
+            client = cls(endpoint, timeout, token=token)
+            try:
+                reason = _hello_mismatch(await client.hello(), found.agent_id)
+            except ConnectionFailed as exc:
+                reason = exc.message
+            except BaseException:
+                await client.close()
+                raise
+            if reason is None:
+                return client
+            await client.close()
+            failures.append(f"{endpoint}: {reason}")
+        raise _unreachable(found.label(), failures)
+
+    @staticmethod
+    async def fleet_search(collection: str, **kwargs: Any) -> FleetResult:
+        """``edge_agent.fleet.async_fleet_search``."""
+        from .fleet import async_fleet_search
+
+        return await async_fleet_search(collection, **kwargs)

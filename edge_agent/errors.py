@@ -12,12 +12,14 @@ from enum import IntEnum
 from typing import Any
 
 __all__ = [
+    "ConfigError",
     "DimensionsNotSupported",
     "DownloadError",
     "EdgeAgentError",
     "EmptyText",
     "EngineError",
     "ErrorCode",
+    "InsecureListen",
     "InsufficientMemory",
     "IntegrityError",
     "InvalidArgument",
@@ -46,6 +48,8 @@ class ErrorCode(IntEnum):
     PROFILE_ERROR = 205
     INSUFFICIENT_MEMORY = 206
     NO_USABLE_MODEL = 207
+    INSECURE_LISTEN = 208  # TCP on a non-loopback address without an auth token
+    CONFIG_ERROR = 209  # a setting (file, environment or flag) is unknown or out of range
     # Transient: retrying may work.
     ENGINE_ERROR = 300
     # A bug on our side.
@@ -58,6 +62,10 @@ class ErrorCode(IntEnum):
     INDEX_BUSY = 604
     INDEX_FULL = 605
     DOCUMENT_EXISTS = 606
+    # LAN discovery and fleet search (edge_agent.discovery, edge_agent.fleet): raised locally by
+    # the daemon at start or by clients, never sent on the wire.
+    DISCOVERY_ERROR = 700
+    AGENT_NOT_FOUND = 701
 
 
 class EdgeAgentError(Exception):
@@ -134,6 +142,19 @@ class NoUsableModel(ModelFileError):
     code = ErrorCode.NO_USABLE_MODEL
 
 
+class InsecureListen(EdgeAgentError):
+    """Serving TCP beyond loopback with no auth token: anyone on the LAN could use the daemon."""
+
+    code = ErrorCode.INSECURE_LISTEN
+
+
+class ConfigError(EdgeAgentError, ValueError):
+    """A setting is unknown, malformed or out of range; the message names the key, where the
+    value came from (flag, environment variable, config file) and what is allowed."""
+
+    code = ErrorCode.CONFIG_ERROR
+
+
 class EngineError(EdgeAgentError, RuntimeError):
     """llama.cpp refused an operation (e.g. a decode failed)."""
 
@@ -155,6 +176,8 @@ _BY_CODE: dict[int, type[EdgeAgentError]] = {
         ProfileError,
         InsufficientMemory,
         NoUsableModel,
+        InsecureListen,
+        ConfigError,
         EngineError,
         EdgeAgentError,
     )
@@ -227,3 +250,22 @@ __all__ += [
     "IndexFull",
     "ModelMismatch",
 ]
+
+
+# -- discovery (7xx) ----------------------------------------------------------------------------
+
+
+class DiscoveryError(EdgeAgentError):
+    """mDNS cannot run as asked: advertise without TCP, an unknown interface, no usable socket."""
+
+    code = ErrorCode.DISCOVERY_ERROR
+
+
+class AgentNotFound(EdgeAgentError, LookupError):
+    """No discovered agent has that id or name (or a prefix matches several)."""
+
+    code = ErrorCode.AGENT_NOT_FOUND
+
+
+_BY_CODE.update({cls.code: cls for cls in (DiscoveryError, AgentNotFound)})
+__all__ += ["AgentNotFound", "DiscoveryError"]

@@ -27,24 +27,37 @@ from .texts import check_text
 
 __all__ = [
     "ARGUMENTS",
+    "COLLECTION_ACTIONS",
     "ERROR_NOTIFICATION",
+    "IF_EXISTS_MODES",
     "KINDS",
     "LONG_TEXT_MODES",
+    "MAX_GET_IDS",
     "NOTIFICATION",
     "PROTOCOL_VERSION",
     "REQUEST",
     "RESPONSE",
+    "AddArgs",
+    "AddVectorsArgs",
     "AlreadyRunning",
+    "AuthArgs",
+    "AuthFailed",
+    "AuthRequired",
     "BadRequest",
     "BadResponse",
+    "CollectionsArgs",
     "ConnectionFailed",
+    "CountArgs",
     "Decoder",
+    "DeleteArgs",
     "EmbedArgs",
     "EmbedResult",
+    "GetArgs",
     "HelloArgs",
     "Limits",
     "MalformedFrame",
     "MessageTooLarge",
+    "NewDoc",
     "NoArgs",
     "Notification",
     "Overloaded",
@@ -53,6 +66,8 @@ __all__ = [
     "Request",
     "RequestTimeout",
     "Response",
+    "SearchArgs",
+    "SearchHit",
     "ShuttingDown",
     "UnknownMethod",
     "bind_args",
@@ -67,6 +82,7 @@ __all__ = [
     "exception_class",
     "named_args",
     "parse_message",
+    "request_vectors",
 ]
 
 # Bumped only for incompatible changes; additions are announced through hello's capabilities.
@@ -101,6 +117,8 @@ class ProtocolCode(IntEnum):
     OVERLOADED = 403  # retry later: the queue or the connection table is full
     SHUTTING_DOWN = 404  # retry later, against the next daemon
     MALFORMED_FRAME = 405  # fatal: the bytes are not msgpack; the connection is closed
+    AUTH_REQUIRED = 406  # TCP: call auth first (only hello and auth work before it)
+    AUTH_FAILED = 407  # fatal: wrong token; the connection is closed
     # Raised locally by clients and the daemon; never sent on the wire.
     CONNECTION_FAILED = 450
     TIMEOUT = 451
@@ -136,6 +154,14 @@ class MalformedFrame(ProtocolError):
     code = ProtocolCode.MALFORMED_FRAME  # type: ignore[assignment]
 
 
+class AuthRequired(ProtocolError, PermissionError):
+    code = ProtocolCode.AUTH_REQUIRED  # type: ignore[assignment]
+
+
+class AuthFailed(ProtocolError, PermissionError):
+    code = ProtocolCode.AUTH_FAILED  # type: ignore[assignment]
+
+
 class ConnectionFailed(ProtocolError, ConnectionError):
     code = ProtocolCode.CONNECTION_FAILED  # type: ignore[assignment]
 
@@ -156,7 +182,7 @@ _PROTOCOL_CLASSES: dict[int, type[EdgeAgentError]] = {
     cls.code: cls
     for cls in (
         BadRequest, UnknownMethod, MessageTooLarge, Overloaded, ShuttingDown, MalformedFrame,
-        ConnectionFailed, RequestTimeout, BadResponse, AlreadyRunning,
+        AuthRequired, AuthFailed, ConnectionFailed, RequestTimeout, BadResponse, AlreadyRunning,
     )
 }
 
@@ -491,11 +517,339 @@ class EmbedArgs:
         return args
 
 
-ARGUMENTS: dict[str, type[NoArgs] | type[HelloArgs] | type[EmbedArgs]] = {
+# -- index methods ------------------------------------------------------------------------------
+# Shape and type checks only. Names, ids, metadata values, filters and sizes are validated by
+# the index itself (edge_agent/index), which owns those rules and their limits.
+
+IF_EXISTS_MODES: Final = ("replace", "error")
+COLLECTION_ACTIONS: Final = ("list", "create", "drop", "info")
+MAX_GET_IDS: Final = 1_000
+
+
+def _required(method: str, args: Mapping[str, Any], name: str) -> Any:
+    if args.get(name) is None:
+        raise InvalidArgument(f"{method} needs {name}", argument=name)
+    return args[name]
+
+
+def _string(method: str, args: Mapping[str, Any], name: str) -> str:
+    value = _required(method, args, name)
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(f"{name} must be a non-empty string", argument=name)
+    return value
+
+
+def _flag(args: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = args.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{name} must be true or false, got {value!r:.50}", argument=name)
+    return value
+
+
+def _choice(args: Mapping[str, Any], name: str, choices: Sequence[str], default: str) -> str:
+    value = args.get(name)
+    if value is None:
+        return default
+    if value not in choices:
+        raise InvalidArgument(
+            f"{name} must be one of {tuple(choices)}, got {value!r:.50}", argument=name
+        )
+    return value
+
+
+def _optional_int(args: Mapping[str, Any], name: str) -> int | None:
+    value = args.get(name)
+    if value is not None and not _is_int(value):
+        raise InvalidArgument(f"{name} must be an integer, got {value!r:.50}", argument=name)
+    return value
+
+
+def _id_list(method: str, args: Mapping[str, Any], name: str = "ids") -> list[str]:
+    ids = _required(method, args, name)
+    if not isinstance(ids, list) or not ids:
+        raise InvalidArgument(f"{name} must be a non-empty array of strings", argument=name)
+    for index, doc_id in enumerate(ids):
+        if not isinstance(doc_id, str):
+            raise InvalidArgument(f"{name}[{index}] must be a string", argument=name, index=index)
+    return ids
+
+
+def request_vectors(args: Mapping[str, Any], count: int | None = None) -> np.ndarray:
+    """``vectors`` (bin, little-endian float32, row-major) and ``dims`` from a request."""
+    data, dims = args.get("vectors"), args.get("dims")
+    if not isinstance(data, bytes) or not _is_int(dims) or not 1 <= dims <= 65536:
+        raise InvalidArgument(
+            "vectors must be bin (little-endian float32) with dims an integer in [1, 65536]",
+            argument="vectors",
+        )
+    if len(data) % (4 * dims):
+        raise InvalidArgument(
+            f"vectors hold {len(data)} bytes, not a whole number of {dims}-d float32 rows",
+            argument="vectors",
+        )
+    rows = len(data) // (4 * dims)
+    if count is not None and rows != count:
+        raise InvalidArgument(f"{rows} vectors for {count} ids", argument="vectors")
+    vectors = np.frombuffer(data, dtype="<f4").reshape(rows, dims).astype(np.float32)
+    if not np.isfinite(vectors).all():
+        raise InvalidArgument("vectors must be finite (no NaN or infinity)", argument="vectors")
+    return vectors
+
+
+@dataclass(frozen=True)
+class AuthArgs:
+    token: str
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> AuthArgs:
+        _reject_unknown("auth", args, ("token",))
+        token = args.get("token")
+        if not isinstance(token, str) or not 1 <= len(token) <= 1024:
+            raise InvalidArgument("token must be a string of 1-1024 characters")
+        return cls(token)
+
+
+@dataclass(frozen=True)
+class NewDoc:
+    id: str
+    text: str
+    metadata: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class AddArgs:
+    """Documents the daemon embeds (kind "document") and stores."""
+
+    collection: str
+    docs: list[NewDoc]
+    if_exists: str = "replace"
+    create: bool = True
+    store_text: bool = True
+    long_text: str = "truncate"
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> AddArgs:
+        _reject_unknown(
+            "add", args, ("collection", "docs", "if_exists", "create", "store_text", "long_text")
+        )
+        collection = _string("add", args, "collection")
+        raw = _required("add", args, "docs")
+        if not isinstance(raw, list) or not raw:
+            raise InvalidArgument("docs must be a non-empty array of maps", argument="docs")
+        docs = []
+        for index, doc in enumerate(raw):
+            if not isinstance(doc, dict):
+                raise InvalidArgument(f"docs[{index}] must be a map", argument="docs", index=index)
+            _reject_unknown(f"add docs[{index}]", doc, ("id", "text", "metadata"))
+            doc_id, text, metadata = doc.get("id"), doc.get("text"), doc.get("metadata")
+            if not isinstance(doc_id, str):
+                raise InvalidArgument(
+                    f"docs[{index}].id must be a string", argument="docs", index=index
+                )
+            check_text(index, text)
+            if metadata is not None and not isinstance(metadata, dict):
+                raise InvalidArgument(
+                    f"docs[{index}].metadata must be a map", argument="docs", index=index
+                )
+            docs.append(NewDoc(doc_id, text, metadata))
+        return cls(
+            collection,
+            docs,
+            _choice(args, "if_exists", IF_EXISTS_MODES, "replace"),
+            _flag(args, "create", True),
+            _flag(args, "store_text", True),
+            _choice(args, "long_text", LONG_TEXT_MODES, "truncate"),
+        )
+
+
+@dataclass(frozen=True)
+class AddVectorsArgs:
+    """Vectors the caller computed with the collection's model."""
+
+    collection: str
+    ids: list[str]
+    vectors: np.ndarray
+    texts: list[str | None] | None = None
+    metadata: list[dict[str, Any] | None] | None = None
+    if_exists: str = "replace"
+    create: bool = True
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> AddVectorsArgs:
+        _reject_unknown(
+            "add_vectors",
+            args,
+            ("collection", "ids", "vectors", "dims", "texts", "metadata", "if_exists", "create"),
+        )
+        collection = _string("add_vectors", args, "collection")
+        ids = _id_list("add_vectors", args)
+        vectors = request_vectors(args, len(ids))
+        texts, metadata = args.get("texts"), args.get("metadata")
+        if texts is not None and (
+            not isinstance(texts, list)
+            or len(texts) != len(ids)
+            or not all(t is None or isinstance(t, str) for t in texts)
+        ):
+            raise InvalidArgument("texts must be an array of strings or nils, one per id")
+        if metadata is not None and (
+            not isinstance(metadata, list)
+            or len(metadata) != len(ids)
+            or not all(m is None or isinstance(m, dict) for m in metadata)
+        ):
+            raise InvalidArgument("metadata must be an array of maps or nils, one per id")
+        return cls(
+            collection,
+            ids,
+            vectors,
+            texts,
+            metadata,
+            _choice(args, "if_exists", IF_EXISTS_MODES, "replace"),
+            _flag(args, "create", True),
+        )
+
+
+@dataclass(frozen=True)
+class SearchArgs:
+    collection: str
+    text: str | None = None
+    vector: np.ndarray | None = None
+    k: int = 10
+    filter: dict[str, Any] | None = None
+    ef: int | None = None
+    instruction: str | None = None
+    include_text: bool = True
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> SearchArgs:
+        _reject_unknown(
+            "search",
+            args,
+            (
+                "collection", "text", "vector", "dims", "k", "filter", "ef", "instruction",
+                "include_text",
+            ),
+        )
+        collection = _string("search", args, "collection")
+        text = args.get("text")
+        has_vector = args.get("vector") is not None
+        if (text is None) == (not has_vector):
+            raise InvalidArgument("search needs exactly one of text or vector", argument="text")
+        vector = None
+        if has_vector:
+            vector = request_vectors({"vectors": args["vector"], "dims": args.get("dims")}, 1)[0]
+        else:
+            check_text(0, text)
+        k = _optional_int(args, "k")
+        filter_ = args.get("filter")
+        if filter_ is not None and not isinstance(filter_, dict):
+            raise InvalidArgument("filter must be a map", argument="filter")
+        instruction = args.get("instruction")
+        if instruction is not None and (not isinstance(instruction, str) or not instruction):
+            raise InvalidArgument("instruction must be a non-empty string", argument="instruction")
+        return cls(
+            collection,
+            text,
+            vector,
+            10 if k is None else k,
+            filter_ or None,
+            _optional_int(args, "ef"),
+            instruction,
+            _flag(args, "include_text", True),
+        )
+
+
+@dataclass(frozen=True)
+class GetArgs:
+    collection: str
+    ids: list[str]
+    with_vectors: bool = False
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> GetArgs:
+        _reject_unknown("get", args, ("collection", "ids", "with_vectors"))
+        ids = _id_list("get", args)
+        if len(ids) > MAX_GET_IDS:
+            raise InvalidArgument(
+                f"{len(ids)} ids in one get; the limit is {MAX_GET_IDS}", limit=MAX_GET_IDS
+            )
+        return cls(_string("get", args, "collection"), ids, _flag(args, "with_vectors", False))
+
+
+@dataclass(frozen=True)
+class DeleteArgs:
+    collection: str
+    ids: list[str]
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> DeleteArgs:
+        _reject_unknown("delete", args, ("collection", "ids"))
+        return cls(_string("delete", args, "collection"), _id_list("delete", args))
+
+
+@dataclass(frozen=True)
+class CountArgs:
+    collection: str
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> CountArgs:
+        _reject_unknown("count", args, ("collection",))
+        return cls(_string("count", args, "collection"))
+
+
+@dataclass(frozen=True)
+class CollectionsArgs:
+    action: str = "list"
+    name: str | None = None
+    dimensions: int | None = None  # create: a Matryoshka size the model supports
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> CollectionsArgs:
+        _reject_unknown("collections", args, ("action", "name", "dimensions"))
+        action = _choice(args, "action", COLLECTION_ACTIONS, "list")
+        name = None if action == "list" else _string(f"collections {action}", args, "name")
+        dimensions = _optional_int(args, "dimensions")
+        if dimensions is not None and action != "create":
+            raise InvalidArgument("dimensions applies to create only", argument="dimensions")
+        return cls(action, name, dimensions)
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """One search result, decoded: cosine similarity ``score`` (higher is closer)."""
+
+    id: str
+    score: float
+    metadata: dict[str, Any]
+    text: str | None = None
+
+    @classmethod
+    def from_wire(cls, hit: Any) -> SearchHit:
+        if (
+            not isinstance(hit, dict)
+            or not isinstance(hit.get("id"), str)
+            or not isinstance(hit.get("score"), (int, float))
+            or not isinstance(hit.get("metadata", {}), dict)
+        ):
+            raise BadResponse(f"malformed search hit: {hit!r:.200}")
+        text = hit.get("text")
+        return cls(hit["id"], float(hit["score"]), dict(hit.get("metadata") or {}), text)
+
+
+ARGUMENTS: dict[str, Any] = {
     "hello": HelloArgs,
+    "auth": AuthArgs,
     "embed": EmbedArgs,
     "health": NoArgs,
     "stats": NoArgs,
+    "add": AddArgs,
+    "add_vectors": AddVectorsArgs,
+    "search": SearchArgs,
+    "get": GetArgs,
+    "delete": DeleteArgs,
+    "count": CountArgs,
+    "collections": CollectionsArgs,
 }
 
 

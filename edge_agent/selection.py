@@ -406,8 +406,12 @@ def select(
     bad: Mapping[str, str] | None = None,
     engine_info: str | None = None,
     available_memory: int | None = None,
+    prefer: tuple[str, str] | None = None,
 ) -> Selection:
     """Decide which of ``manifest``'s files to run on ``host``, and how.
+
+    ``prefer``: (quant, why) to move to the front when it is usable (e.g. the file existing
+    collections were embedded with); unlike an override, the others stay as fallbacks.
 
     ``measurements``: tuning results for this engine build and CPU (any model; matched by
     sha256). ``bad``: sha256 -> why, for files that failed their self-test on this engine
@@ -479,6 +483,14 @@ def select(
     for decision, m in low_quality:
         floor = f"measured cosine {m.cosine_min:.4f} below the profile's floor {profile.min_cosine}"
         ordered.append(replace(decision, notes=(*decision.notes, floor + "; last resort")))
+    if prefer is not None and override.quant is None:
+        quant, why = prefer
+        chosen = [d for d in ordered if d.quant == quant]
+        if chosen:
+            ordered = chosen + [d for d in ordered if d.quant != quant]
+            reasons.append(f"preferred {quant}: {why}")
+        else:
+            reasons.append(f"cannot prefer {quant} ({why}): it is not usable here")
     if not ordered:
         _refuse(manifest, budget, too_big, rejected)
     return Selection(

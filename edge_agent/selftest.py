@@ -388,8 +388,11 @@ def safe_start(
     timeout_s: float | None = None,
     base_config: EmbedderConfig | None = None,
     show_progress: bool = True,
+    prefer: tuple[str, str] | None = None,
 ) -> StartPlan:
     """Choose and self-test the model file to serve; fall back along the selection's order.
+
+    ``prefer``: (quant, why) to try first when usable (see ``selection.select``).
 
     Tunes first (``tune_budget_s`` seconds) when nothing was measured for this model on this
     engine and CPU yet and the user did not pin a quant; ``tune_budget_s=None`` skips it.
@@ -430,6 +433,7 @@ def safe_start(
         measurements=measurements,
         bad=bad,
         engine_info=ctx.engine,
+        prefer=prefer,
     )
     outcomes: list[SelfTestOutcome] = []
     manifest_expected = _manifest_reference(manifest, PROBE_TEXTS)

@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .embedder import Embedder, Embeddings
 from .errors import DimensionsNotSupported, EdgeAgentError, InvalidArgument, TextTooLong
 from .protocol import (
@@ -118,7 +120,9 @@ class _MethodStats:
 @dataclass(frozen=True)
 class ServiceConfig:
     max_queue: int = 256  # embed requests waiting for the engine; more are refused OVERLOADED
-    batch_window_s: float = 0.002  # how long the first request of a batch waits for company
+    # How long the first request of a batch waits for company, when the previous batch served
+    # several requests (under concurrency); a lone client's requests go to the engine at once.
+    batch_window_s: float = 0.002
     batch_max_texts: int = 256  # texts per engine call, unless one request alone has more
     reservoir_size: int = 1024  # latency samples kept per method
 
@@ -149,6 +153,11 @@ class Service:
         # Limits and counters a transport reports through hello / health / stats.
         self.transport_limits: dict[str, Any] = {}
         self.transport_stats: Callable[[], dict[str, Any]] = dict
+        # Fields the daemon adds to hello (e.g. its stable agent_id, as discovery announces it).
+        self.identity: dict[str, Any] = {}
+        # Sections other layers (the index) add to health and stats: name -> () -> map.
+        self.health_sections: dict[str, Callable[[], dict[str, Any]]] = {}
+        self.stats_sections: dict[str, Callable[[], dict[str, Any]]] = {}
         self._started_at = time.monotonic()
         self._methods: dict[str, tuple[type[Any], Handler]] = {}
         self._stats: dict[str, _MethodStats] = {}
@@ -272,13 +281,19 @@ class Service:
             "instruction_kinds": [k for k, t in templates.items() if t and "{task}" in t],
             "capabilities": self.methods,
             "limits": self._limits(),
+            **self.identity,
         }
 
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    async def report(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The health and stats results without counting as calls: a metrics scrape every few
+        seconds must not drown the real requests in the per-method counts."""
+        return await self._health(NoArgs()), await self._stats_method(NoArgs())
+
     async def _health(self, _args: NoArgs) -> dict[str, Any]:
-        return {
+        health: dict[str, Any] = {
             "status": "shutting_down" if self._closing else "ok",
             "model_loaded": not self._closed,
             "model": self.embedder.model_name,
@@ -286,6 +301,13 @@ class Service:
             "queue_depth": len(self._queue),
             "uptime_s": round(time.monotonic() - self._started_at, 3),
         }
+        for name, section in self.health_sections.items():
+            health[name] = part = section()
+            # A section reports "degraded" when part of the daemon cannot serve (a collection
+            # that failed to open); the daemon itself still answers.
+            if part.get("status") == "degraded" and health["status"] == "ok":
+                health["status"] = "degraded"
+        return health
 
     async def _stats_method(self, _args: NoArgs) -> dict[str, Any]:
         methods = {
@@ -309,6 +331,7 @@ class Service:
                 "overloaded": self.overloaded,
             },
             "transport": self.transport_stats(),
+            **{name: section() for name, section in self.stats_sections.items()},
         }
 
     # -- embed --------------------------------------------------------------------------------
@@ -345,6 +368,15 @@ class Service:
                     argument="instruction",
                 )
 
+    async def embed_vectors(self, args: EmbedArgs) -> tuple[np.ndarray, dict[str, Any]]:
+        """Embed through the shared batcher (so other layers' texts coalesce with clients'):
+        float32 (count, dims) vectors and the embed result map (token counts, truncation)."""
+        result = await self._embed(args)
+        vectors = np.frombuffer(result["vectors"], dtype="<f4").reshape(
+            result["count"], result["dims"]
+        )
+        return vectors, result
+
     async def _embed(self, args: EmbedArgs) -> dict[str, Any]:
         if self._closing:
             raise ShuttingDown("the daemon is shutting down")
@@ -366,19 +398,26 @@ class Service:
     async def _batch_loop(self) -> None:
         assert self._wakeup is not None
         window = self.config.batch_window_s
+        last_batch_requests = 0
         while True:
             while not self._queue:
                 if self._closing:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            # Wait out the rest of the first request's window unless the budget is already met;
-            # requests that queued while the engine was busy have waited long enough.
+            # Wait out the rest of the first request's window for company, but only under
+            # concurrency (the last batch served several requests): a lone client never pays the
+            # window, and requests that queued while the engine was busy have waited enough.
             delay = self._queue[0].enqueued + window - time.monotonic()
-            if delay > 0 and self._queued_texts < self.config.batch_max_texts:
+            if (
+                delay > 0
+                and last_batch_requests > 1
+                and self._queued_texts < self.config.batch_max_texts
+            ):
                 await asyncio.sleep(delay)
             batch = self._take_batch()
             if batch:
+                last_batch_requests = len(batch)
                 await self._run_batch(batch)
 
     def _take_batch(self) -> list[_Job]:

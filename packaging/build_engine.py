@@ -42,6 +42,24 @@ def portable_cpu(cpu: CpuInfo) -> CpuInfo:
     return CpuInfo(system=cpu.system, arch=cpu.arch, flags=baseline)
 
 
+def llama_cmake_flags(portable: bool) -> str:
+    """CMAKE_ARGS for llama-cpp-python: this CPU's features, or the architecture's baseline."""
+    cpu = probe_cpu()
+    if portable:
+        cpu = portable_cpu(cpu)
+    return " ".join(
+        llama_cmake_args(cpu, portable=portable)
+        + os.environ.get("EDGE_AGENT_CMAKE_ARGS", "").split()
+    )
+
+
+def hnswlib_env() -> dict[str, str]:
+    """hnswlib is built without -march=native unless EDGE_AGENT_HNSWLIB_NATIVE=1."""
+    if os.environ.get("EDGE_AGENT_HNSWLIB_NATIVE") == "1":
+        return {}
+    return {"HNSWLIB_NO_NATIVE": "1"}
+
+
 def wheel_dir_for(name: str, version: str, env: dict[str, str]) -> Path:
     root = Path(
         os.environ.get("EDGE_AGENT_WHEEL_DIR")
@@ -84,16 +102,10 @@ def build_and_install(name: str, version: str, build_env: dict[str, str]) -> Non
 
 
 def main() -> int:
-    cpu = probe_cpu()
-    if os.environ.get("EDGE_AGENT_PORTABLE") == "1":
-        cpu = portable_cpu(cpu)
-    cmake_args = " ".join(
-        llama_cmake_args(cpu) + os.environ.get("EDGE_AGENT_CMAKE_ARGS", "").split()
-    )
+    portable = os.environ.get("EDGE_AGENT_PORTABLE") == "1"
+    cmake_args = llama_cmake_flags(portable)
     build_and_install(*LLAMA, {"CMAKE_ARGS": cmake_args})
-    hnsw_env = (
-        {} if os.environ.get("EDGE_AGENT_HNSWLIB_NATIVE") == "1" else {"HNSWLIB_NO_NATIVE": "1"}
-    )
+    hnsw_env = hnswlib_env()
     # hnswlib's setup.py imports numpy and pybind11 at build time.
     pip("install", "numpy>=1.24", "pybind11>=2.10")
     build_and_install(*HNSWLIB, hnsw_env)

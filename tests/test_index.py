@@ -254,7 +254,10 @@ def test_a_second_open_is_refused(tmp_path: Path, rng: np.random.Generator) -> N
 def test_snapshots_rotate_the_wal_and_keep_a_fallback(
     tmp_path: Path, rng: np.random.Generator
 ) -> None:
-    with make(tmp_path, snapshot_wal_records=5, keep_snapshots=2) as coll:
+    # Synchronous snapshots: each lands exactly on the write that crosses the bound.
+    with make(
+        tmp_path, snapshot_wal_records=5, keep_snapshots=2, snapshot_in_background=False
+    ) as coll:
         for i in range(23):
             coll.upsert(FP, [f"d{i}"], unit(rng, 1))
         names = sorted(p.name for p in coll.path.iterdir())

@@ -33,7 +33,12 @@ Model = dict[str, np.ndarray]
 
 
 def cfg(**changes: object) -> IndexConfig:
-    base: dict[str, object] = {"snapshot_wal_records": 10, "exact_search_max": 0}
+    # Synchronous snapshots, so they land at known LSNs (10, 20, 30...).
+    base: dict[str, object] = {
+        "snapshot_wal_records": 10,
+        "exact_search_max": 0,
+        "snapshot_in_background": False,
+    }
     base.update(changes)
     return IndexConfig(**base)  # type: ignore[arg-type]
 

@@ -274,6 +274,33 @@ def test_measured_threads_are_capped_by_the_quota_and_memory_as_measured(profile
     assert selection.decision.quant == "Q6_K" and "Q8_0" in dict(selection.rejected)
 
 
+def test_the_collections_quant_is_preferred_but_not_pinned(profiles) -> None:
+    host = load_host("x86-avx2-laptop")
+    measurements = [measured("Q8_0", 100.0, 0.9995), measured("F16", 150.0, 0.99999)]
+    why = "collections docs were embedded with it"
+    selection = select(host, profiles, MINILM, measurements=measurements, prefer=("Q8_0", why))
+    order = [c.quant for c in selection.candidates]
+    assert order[:2] == ["Q8_0", "F16"]  # preferred first, the faster one kept as a fallback
+    assert len(order) == len(MINILM.files)
+    assert f"preferred Q8_0: {why}" in selection.reasons
+    # A known-bad file is not preferred: the reason says so and the usual order applies.
+    bad = {MINILM.files["Q8_0"].sha256: "crashed"}
+    skipped = select(
+        host, profiles, MINILM, measurements=measurements, bad=bad, prefer=("Q8_0", why)
+    )
+    assert skipped.decision.quant == "F16"
+    assert any(r.startswith("cannot prefer Q8_0") for r in skipped.reasons)
+    # The user's override still wins over the collections.
+    pinned = select(
+        host,
+        profiles,
+        MINILM,
+        override=Override(quant="F32", sources={"quant": "flag"}),
+        prefer=("Q8_0", why),
+    )
+    assert [c.quant for c in pinned.candidates] == ["F32"]
+
+
 def test_without_moves_to_the_next_candidate(profiles) -> None:
     selection = select(load_host("x86-avx2-laptop"), profiles, MINILM)
     after = selection.without("Q8_0", "self-test crash")

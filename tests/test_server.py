@@ -20,19 +20,19 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
+from daemon import CONFIG, MAX_MESSAGE, ServerThread, options_for
 
 from edge_agent import embedder as embedder_module
 from edge_agent import protocol
-from edge_agent.app import ServeOptions, run_server
+from edge_agent.app import run_server
 from edge_agent.client import AsyncClient, Client
-from edge_agent.embedder import Embedder, EmbedderConfig
+from edge_agent.embedder import Embedder
 from edge_agent.errors import (
     DimensionsNotSupported,
     EdgeAgentError,
@@ -52,70 +52,6 @@ from edge_agent.protocol import (
     UnknownMethod,
     encode_request,
 )
-
-MAX_MESSAGE = 1 << 20  # small, so the oversized-frame test sends ~1 MiB, not 8
-CONFIG = EmbedderConfig(threads=2)
-
-
-class ServerThread:
-    """``run_server`` on its own thread and event loop."""
-
-    def __init__(self, options: ServeOptions) -> None:
-        self.options = options
-        self.ready = threading.Event()
-        self.error: BaseException | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._run, name="test-server", daemon=True)
-
-    @property
-    def socket_path(self) -> Path:
-        return self.options.socket_path
-
-    def start(self) -> ServerThread:
-        self._thread.start()
-        assert self.ready.wait(60), "server did not start"
-        if self.error is not None:
-            raise self.error
-        return self
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            await run_server(self.options, self._stop, lambda _address: self.ready.set())
-
-        try:
-            asyncio.run(main())
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            self.ready.set()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self._loop is not None and self._stop is not None and self._thread.is_alive():
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), "server did not stop"
-        if self.error is not None:
-            raise self.error
-
-
-def options_for(model_store: ModelStore, socket_path: Path, **overrides: Any) -> ServeOptions:
-    options = ServeOptions(
-        socket_path=socket_path,
-        models_dir=model_store.root,
-        model=DEFAULT_MODEL,
-        quant="F32",
-        embedder=CONFIG,
-        max_message_bytes=MAX_MESSAGE,
-        shutdown_grace=10.0,
-        # Model selection + self-test has its own tests (test_selftest.py, and the serve test
-        # below); here the model is pinned so each server starts in about a second.
-        select_model=False,
-    )
-    return replace(options, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -606,7 +542,8 @@ def test_serve_announces_and_stops_on_signal(
         "from edge_agent.app import ServeOptions, serve\n"
         "from edge_agent.embedder import EmbedderConfig\n"
         "serve(ServeOptions(socket_path=Path(sys.argv[1]), models_dir=Path(sys.argv[2]),"
-        " quant='F32', embedder=EmbedderConfig(threads=1), state_dir=Path(sys.argv[3])))\n"
+        " quant='F32', embedder=EmbedderConfig(threads=1), state_dir=Path(sys.argv[3]),"
+        " index_dir=Path(sys.argv[3]) / 'index'))\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code, os.fspath(path), os.fspath(model_store.root),

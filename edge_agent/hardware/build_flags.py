@@ -33,10 +33,25 @@ _ALWAYS_OFF = ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")
 _SLIM_BUILD = ("-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF")
 
 
-def llama_cmake_args(cpu: CpuInfo) -> list[str]:
-    """CMake arguments for building llama-cpp-python on ``cpu``."""
+# Portable ARM builds target the first 64-bit ARM ISA (Raspberry Pi 3/4's Cortex-A53/A72): with
+# native detection, an image built on a Pi 5, a Graviton or under QEMU would use dot-product or
+# SVE instructions that crash older boards with SIGILL.
+_ARM_BASELINE = {"aarch64": "armv8-a"}
+
+
+def llama_cmake_args(cpu: CpuInfo, portable: bool = False) -> list[str]:
+    """CMake arguments for building llama-cpp-python on ``cpu``.
+
+    ``portable``: the build must run on any CPU of this architecture (container images), so
+    native detection is off everywhere; x86-64 gets the features ``cpu`` lists (pass the
+    baseline, see packaging/build_engine.py's portable_cpu), ARM its baseline ISA.
+    """
     args: list[str] = []
-    if cpu.system == "Darwin" and cpu.arch == "aarch64":
+    if portable and cpu.arch != "x86_64":
+        args.append("-DGGML_NATIVE=OFF")
+        if cpu.arch in _ARM_BASELINE:
+            args.append(f"-DGGML_CPU_ARM_ARCH={_ARM_BASELINE[cpu.arch]}")
+    elif cpu.system == "Darwin" and cpu.arch == "aarch64":
         args.append("-DGGML_METAL=ON")
     elif cpu.arch == "x86_64":
         args.append("-DGGML_NATIVE=OFF")

@@ -6,7 +6,11 @@ and id map bound recovery time; the manifest pins them and the WAL position. See
 
 Concurrency: any number of searches run at once; writers are serialised (``_writer``) and
 hold the readers-writer lock exclusively only while they change memory, so the WAL fsync and
-snapshot writing never block searches.
+snapshot writing never block searches. Snapshots run in a background thread by default:
+writers wait only while the graph is copied and while the manifest is committed.
+
+Lock order: ``_snap_lock`` (one snapshot at a time) before ``_writer`` before ``_rw``. Every
+change to memory holds ``_writer``, so holding it is enough for a consistent graph copy.
 """
 
 from __future__ import annotations
@@ -53,10 +57,20 @@ from .filters import compile_where
 from .fingerprint import ModelFingerprint
 from .fsutil import TMP_SUFFIX, fsync_dir
 from .manifest import MANIFEST_NAME, CollectionManifest, SnapshotRef, validate_collection_name
-from .memory import Memory
+from .memory import Memory, StoredDoc
 from .recovery import list_segments, repair_hint, replay_wal
 from .rwlock import RWLock
-from .snapshot import SnapshotState, load_snapshot, snapshot_gen, snapshot_paths, write_snapshot
+from .snapshot import (
+    GraphCopy,
+    GraphFile,
+    GraphSource,
+    SnapshotState,
+    graph_bytes,
+    load_snapshot,
+    snapshot_gen,
+    snapshot_paths,
+    write_snapshot,
+)
 from .wal import MAX_RECORD, WalWriter, create_segment, encode_record, segment_name
 
 __all__ = ["Collection", "CollectionStats", "ReindexReport", "lock_directory", "segment_info"]
@@ -67,6 +81,9 @@ LOCK_NAME = "LOCK"
 REINDEX_DIR = "reindex"
 MAX_K = 10_000
 _CORRUPT_SUFFIX = ".corrupt"
+# After a failed background snapshot (disk full, I/O error) the next try waits this long, so
+# a persistent failure does not turn into a snapshot attempt after every write.
+SNAPSHOT_RETRY_S = 10.0
 
 
 class _QuietProgress:
@@ -117,6 +134,8 @@ class CollectionStats:
     exact_search: bool
     fsync: str
     reindex_pending: bool
+    snapshot_running: bool = False  # a background snapshot is being written
+    snapshot_error: str | None = None  # why the last background snapshot failed, if it did
 
 
 @dataclass(frozen=True)
@@ -126,6 +145,32 @@ class ReindexReport:
     removed: int  # deleted from the new index because they left the collection meanwhile
     seconds: float
     fingerprint: dict[str, Any]
+
+
+@dataclass
+class _SnapshotJob:
+    """A snapshot between its capture (writers held) and its manifest commit."""
+
+    gen: int
+    lsn: int
+    next_label: int
+    fingerprint: dict[str, Any]
+    # A shallow copy of the id map: StoredDoc objects are replaced, never changed in place,
+    # so this is the state at ``lsn`` (the list of entries is built after the capture).
+    docs: dict[str, StoredDoc]
+    graph: GraphSource  # the live index (writers held throughout) or a private copy / dump
+    dim: int
+    records: int  # WAL records and bytes counted up to the capture: the snapshot covers them
+    bytes: int
+    old_wal: WalWriter | None  # the segment rotated away from, still to close (and sync)
+
+    def state(self) -> SnapshotState:
+        docs = [(doc_id, d.label, d.text, d.metadata) for doc_id, d in self.docs.items()]
+        return SnapshotState(self.lsn, self.next_label, self.fingerprint, docs)
+
+    def release(self) -> None:
+        if isinstance(self.graph, GraphFile):
+            self.graph.discard()
 
 
 def segment_info(manifest: CollectionManifest) -> dict[str, Any]:
@@ -157,6 +202,11 @@ class Collection:
         self._wal_bytes = 0
         self._failed: BaseException | None = None
         self._closed = False
+        self._closing = False  # set by close(): no new background snapshot starts
+        self._snap_lock = threading.Lock()
+        self._snap_thread: threading.Thread | None = None
+        self._snap_error: str | None = None
+        self._snap_retry_at = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -225,8 +275,16 @@ class Collection:
         return self
 
     def close(self) -> None:
-        """Snapshot if configured and the WAL has news, sync, release the lock."""
+        """Wait for a background snapshot, snapshot if configured and the WAL has news, sync,
+        release the lock."""
         with self._writer:
+            if self._closed:
+                return
+            self._closing = True
+            thread = self._snap_thread
+        if thread is not None:
+            thread.join()  # outside _writer: the snapshot needs it to commit
+        with self._snap_lock, self._writer:
             if self._closed:
                 return
             try:
@@ -375,7 +433,7 @@ class Collection:
                 " fresh snapshot",
                 self.path,
             )
-            with self._writer:
+            with self._snap_lock, self._writer:
                 self._snapshot_locked(force=True)
 
     # -- properties ------------------------------------------------------------------------------
@@ -579,14 +637,16 @@ class Collection:
             raise
         self._wal_records += 1
         self._wal_bytes += len(record)
-        if (
-            self._wal_records >= self.config.snapshot_wal_records
-            or self._wal_bytes >= self.config.snapshot_wal_bytes
-        ):
-            try:
-                self._snapshot_locked(force=False)
-            except Exception as exc:  # the write itself is durable: report, retry next time
-                log.error("%s: snapshot failed: %s", self.path, exc)
+        if self._snapshot_due():
+            if self.config.snapshot_in_background:
+                self._request_snapshot()
+            elif self._snap_lock.acquire(blocking=False):  # else one is running: next time
+                try:
+                    self._snapshot_locked(force=False)
+                except Exception as exc:  # the write itself is durable: report, retry next time
+                    log.error("%s: snapshot failed: %s", self.path, exc)
+                finally:
+                    self._snap_lock.release()
         return lsn
 
     def flush(self) -> None:
@@ -598,17 +658,107 @@ class Collection:
     # -- snapshots and compaction ----------------------------------------------------------------
 
     def snapshot(self) -> int | None:
-        """Write a snapshot now; its generation (None when nothing changed since the last)."""
-        with self._writer:
-            self._check_writable()
-            return self._snapshot_locked(force=False)
+        """Write a snapshot now; its generation (None when nothing changed since the last).
+
+        Returns once it is committed. Other writers wait only while the graph is copied and
+        the manifest written, not for the snapshot files."""
+        with self._snap_lock:
+            return self._run_snapshot(force=False, due_only=False)
+
+    def wait_for_snapshot(self, timeout: float | None = None) -> bool:
+        """Wait for the background snapshot in progress, if any; False if still running after
+        ``timeout`` seconds."""
+        thread = self._snap_thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
 
     def _next_gen(self) -> int:
         gens = [ref.gen for ref in self._manifest.snapshots]
         gens += [g for p in self.path.iterdir() if (g := snapshot_gen(p.name)) is not None]
         return max(gens, default=0) + 1
 
+    def _snapshot_due(self) -> bool:
+        return (
+            self._wal_records >= self.config.snapshot_wal_records
+            or self._wal_bytes >= self.config.snapshot_wal_bytes
+        )
+
+    def _request_snapshot(self) -> None:
+        """Start a background snapshot unless one runs or one failed lately. Holds _writer."""
+        thread = self._snap_thread
+        if self._closing or (thread is not None and thread.is_alive()):
+            return
+        if time.monotonic() < self._snap_retry_at:
+            return
+        thread = threading.Thread(
+            target=self._background_snapshot, name=f"edge-agent-snapshot-{self.name}", daemon=True
+        )
+        self._snap_thread = thread
+        thread.start()
+
+    def _background_snapshot(self) -> None:
+        try:
+            with self._snap_lock:
+                self._run_snapshot(force=False, due_only=True)
+        except Exception as exc:
+            # Every write is in the WAL, which stays the source of truth: report, retry later.
+            self._snap_error = f"{type(exc).__name__}: {exc}"
+            self._snap_retry_at = time.monotonic() + SNAPSHOT_RETRY_S
+            log.error(
+                "%s: background snapshot failed (next try in %.0f s or more): %s",
+                self.path,
+                SNAPSHOT_RETRY_S,
+                exc,
+            )
+        else:
+            self._snap_error = None
+
+    def _run_snapshot(self, *, force: bool, due_only: bool) -> int | None:
+        """Capture with writers held, write the files with nothing held, commit the manifest
+        with writers held. The caller holds ``_snap_lock``, not ``_writer``."""
+        with self._writer:
+            if due_only and (self._closed or self._failed is not None or not self._snapshot_due()):
+                return None  # e.g. a snapshot committed while this one waited for the lock
+            self._check_writable()
+            memory = self._mem()
+            size = graph_bytes(memory.elements, self.dim, self._manifest.m)
+            mode = "copy" if size <= self.config.snapshot_copy_max_bytes else "dump"
+            job = self._snapshot_begin(force=force, mode=mode)
+        if job is None:
+            return None
+        try:
+            self._snapshot_write(job)
+        finally:
+            job.release()
+        with self._writer:
+            self._snapshot_commit(job)
+        # Only unpinned files go; _snap_lock keeps any other snapshot from writing meanwhile.
+        self._remove_strays()
+        fsync_dir(self.path)
+        return job.gen
+
     def _snapshot_locked(self, *, force: bool) -> int | None:
+        """A snapshot with writers held throughout (close, recovery, synchronous mode).
+        The caller holds ``_snap_lock`` and ``_writer``."""
+        job = self._snapshot_begin(force=force, mode="live")
+        if job is None:
+            return None
+        try:
+            self._snapshot_write(job)
+        finally:
+            job.release()
+        self._snapshot_commit(job)
+        self._remove_strays()
+        fsync_dir(self.path)
+        return job.gen
+
+    def _snapshot_begin(self, *, force: bool, mode: str) -> _SnapshotJob | None:
+        """Rotate the WAL and capture the state at the current LSN. Holds ``_writer``.
+
+        ``mode``: "live" uses the index itself (the caller keeps ``_writer`` until the files
+        are written), "copy" a GraphCopy, "dump" a GraphFile."""
         manifest = self._manifest
         newest = manifest.snapshots[0] if manifest.snapshots else None
         if not force and newest is not None and newest.lsn == self._lsn:
@@ -619,42 +769,79 @@ class Collection:
             and memory.deleted_slots >= self.config.compact_deleted_ratio * memory.elements
         ):
             self._compact_locked()
-        # Rotate first, so the new segment starts right after the snapshot's LSN.
+        # Rotate first, so the new segment starts right after the snapshot's LSN (segments
+        # before the oldest kept snapshot are deleted whole).
         wal = self._wal
         if wal is None:
             raise InvalidArgument(f"collection {self.name!r} is closed")
+        old: WalWriter | None = None
         if wal.path.name != segment_name(self._lsn + 1):
             # New segment first: if that fails, the current one is still open and usable.
             path = create_segment(self.path, self._lsn + 1, segment_info(manifest))
-            wal.close(sync=True)
             self._wal = WalWriter(path, self.config.fsync, self.config.batch_window_ms / 1000)
+            old = wal
         else:
             wal.sync()
-        gen = self._next_gen()
-        with self._rw.read():
-            state = SnapshotState(
-                lsn=self._lsn,
-                next_label=memory.next_label,
-                fingerprint=manifest.fingerprint.to_json(),
-                docs=memory.snapshot_docs(),
-            )
-            write_snapshot(self.path, gen, memory.index, state, manifest.dim)
-        updated = manifest.with_snapshot(SnapshotRef(gen, self._lsn), self.config.keep_snapshots)
+        try:
+            gen = self._next_gen()
+            with self._rw.read():
+                docs = dict(memory.docs)
+                graph: GraphSource
+                if mode == "live":
+                    graph = memory.index
+                elif mode == "copy":
+                    graph = GraphCopy(memory.index)
+                else:
+                    hnsw_path, _ = snapshot_paths(self.path, gen)
+                    graph = GraphFile(
+                        memory.index, hnsw_path.with_name(f".{hnsw_path.name}.dump{TMP_SUFFIX}")
+                    )
+        except BaseException:
+            if old is not None:
+                old.close(sync=True)
+            raise
+        return _SnapshotJob(
+            gen=gen,
+            lsn=self._lsn,
+            next_label=memory.next_label,
+            fingerprint=manifest.fingerprint.to_json(),
+            docs=docs,
+            graph=graph,
+            dim=manifest.dim,
+            records=self._wal_records,
+            bytes=self._wal_bytes,
+            old_wal=old,
+        )
+
+    def _snapshot_write(self, job: _SnapshotJob) -> None:
+        """The slow part: files written, fsynced and renamed. Needs no lock unless the graph
+        is the live index. Until the manifest names them they are orphans, removed at open."""
+        if job.old_wal is not None:
+            # Holds only records up to the snapshot's LSN: synced here, off the write path.
+            job.old_wal.close(sync=True)
+            job.old_wal = None
+        write_snapshot(self.path, job.gen, job.graph, job.state(), job.dim)
+
+    def _snapshot_commit(self, job: _SnapshotJob) -> None:
+        """The manifest write that makes the snapshot count. Holds ``_writer``."""
+        updated = self._manifest.with_snapshot(
+            SnapshotRef(job.gen, job.lsn), self.config.keep_snapshots
+        )
         updated.save(self.path)
         self._manifest = updated
-        self._wal_records = 0
-        self._wal_bytes = 0
-        self._remove_strays()
-        fsync_dir(self.path)
-        return gen
+        # What was written after the capture still counts toward the next snapshot.
+        self._wal_records = max(0, self._wal_records - job.records)
+        self._wal_bytes = max(0, self._wal_bytes - job.bytes)
 
     def compact(self) -> None:
         """Rebuild the graph from the live vectors only (drops deleted slots, restores graph
-        quality after many deletes), then snapshot it. Searches continue meanwhile."""
-        with self._writer:
-            self._check_writable()
-            self._compact_locked()
-            self._snapshot_locked(force=True)
+        quality after many deletes), then snapshot it. Searches continue meanwhile; writers
+        wait for the rebuild."""
+        with self._snap_lock:
+            with self._writer:
+                self._check_writable()
+                self._compact_locked()
+            self._run_snapshot(force=True, due_only=False)
 
     def _compact_locked(self) -> None:
         memory = self._mem()
@@ -765,6 +952,7 @@ class Collection:
         return labels[0].astype(np.int64), (1.0 - distances[0]).astype(np.float32)
 
     def stats(self) -> CollectionStats:
+        thread = self._snap_thread
         with self._rw.read():
             memory = self._mem()
             manifest = self._manifest
@@ -787,6 +975,8 @@ class Collection:
                 exact_search=memory.exact is not None,
                 fsync=self.config.fsync,
                 reindex_pending=(self.path / REINDEX_DIR / MANIFEST_NAME).is_file(),
+                snapshot_running=thread is not None and thread.is_alive(),
+                snapshot_error=self._snap_error,
             )
 
     # -- reindex ---------------------------------------------------------------------------------
@@ -843,7 +1033,7 @@ class Collection:
                     e, r = self._reindex_fill(shadow, fingerprint, embed, todo, stale, batch_size)
                     embedded, removed = embedded + e, removed + r
                     progress.advance(e)
-                with self._writer:
+                with self._snap_lock, self._writer:  # no snapshot of the old model may commit
                     self._check_writable()
                     todo, stale = self._reindex_diff(shadow)
                     e, r = self._reindex_fill(shadow, fingerprint, embed, todo, stale, batch_size)
@@ -859,8 +1049,11 @@ class Collection:
 
     def _open_shadow(self, fingerprint: ModelFingerprint) -> Collection:
         path = self.path / REINDEX_DIR
-        # Resumable without per-write fsync: a lost tail is only re-embedded.
-        config = replace(self.config, fsync="batch", snapshot_on_close=True)
+        # Resumable without per-write fsync: a lost tail is only re-embedded. Synchronous
+        # snapshots: its graph is handed over at the switch, no thread of its own may read it.
+        config = replace(
+            self.config, fsync="batch", snapshot_on_close=True, snapshot_in_background=False
+        )
         if (path / MANIFEST_NAME).is_file():
             try:
                 shadow = Collection.open(path, config)

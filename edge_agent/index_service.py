@@ -1,0 +1,567 @@
+"""The index half of the service: collections behind RPC methods, one writer thread.
+
+Part of the service layer (the only layer that crosses between asyncio and threads):
+
+- every write (add, add_vectors, delete, create, drop) goes through ONE writer thread fed by a
+  queue, so hnswlib never sees two inserts at once and the WAL has one appender. Writes that
+  queue up while the previous one fsyncs are merged into one WAL record (group commit): with
+  ``fsync="always"`` many small concurrent adds cost one fsync, not one each;
+- reads (search, get, count) run on a small pool; each Collection's readers-writer lock keeps
+  them off the graph while a write changes it;
+- texts are embedded through ``Service.embed_vectors``, the same batcher clients use, so
+  documents and queries from every connection share model batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import (
+    CollectionNotFound,
+    DimensionsNotSupported,
+    EdgeAgentError,
+    IndexCorrupt,
+    InvalidArgument,
+    ModelMismatch,
+)
+from .index import Collection, IndexStore, ModelFingerprint
+from .index.documents import validate_id, validate_metadata, validate_text
+from .protocol import (
+    AddArgs,
+    AddVectorsArgs,
+    CollectionsArgs,
+    CountArgs,
+    DeleteArgs,
+    EmbedArgs,
+    GetArgs,
+    SearchArgs,
+    ShuttingDown,
+    encode_vectors,
+)
+from .service import Reservoir, Service, kv
+
+__all__ = ["IndexService"]
+
+log = logging.getLogger("edge_agent.index_service")
+
+
+@dataclass
+class _Put:
+    collection: Collection
+    fingerprint: ModelFingerprint
+    ids: list[str]
+    vectors: np.ndarray
+    texts: list[str | None] | None
+    metadata: list[dict[str, Any] | None] | None
+    replace: bool
+    future: Future[int] = field(default_factory=Future)
+
+
+@dataclass
+class _Call:
+    run: Callable[[], Any]
+    future: Future[Any] = field(default_factory=Future)
+
+
+class _Writer:
+    """One thread applies every write, in order; consecutive compatible puts become one."""
+
+    def __init__(self, max_batch: int) -> None:
+        self.max_batch = max_batch
+        self._queue: deque[_Put | _Call] = deque()
+        self._ready = threading.Condition()
+        self._stopping = False
+        self.writes = 0  # index calls made
+        self.jobs = 0  # requests served by them
+        self.batch_docs = Reservoir(512)
+        self._thread = threading.Thread(target=self._loop, name="edge-agent-index-writer")
+        self._thread.daemon = True  # close() joins it; this only matters if close never runs
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def submit(self, job: _Put | _Call) -> Future[Any]:
+        with self._ready:
+            if self._stopping:
+                raise ShuttingDown("the daemon is shutting down")
+            self._queue.append(job)
+            self._ready.notify()
+        return job.future
+
+    def stop(self) -> None:
+        """Finish everything queued, then end the thread."""
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
+        self._thread.join()
+
+    def _next_group(self) -> list[_Put | _Call] | None:
+        with self._ready:
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._ready.wait()
+            first = self._queue.popleft()
+            group: list[_Put | _Call] = [first]
+            if isinstance(first, _Put):
+                ids = set(first.ids)
+                total = len(first.ids)
+                while self._queue:
+                    nxt = self._queue[0]
+                    if not (
+                        isinstance(nxt, _Put)
+                        and nxt.collection is first.collection
+                        and nxt.replace == first.replace
+                        and nxt.fingerprint == first.fingerprint
+                        and total + len(nxt.ids) <= self.max_batch
+                        and ids.isdisjoint(nxt.ids)
+                    ):
+                        break
+                    self._queue.popleft()
+                    group.append(nxt)
+                    ids.update(nxt.ids)
+                    total += len(nxt.ids)
+            return group
+
+    def _loop(self) -> None:
+        while (group := self._next_group()) is not None:
+            head = group[0]
+            if isinstance(head, _Call):
+                self._run(head.future, head.run)
+            elif len(group) == 1:
+                self._put([head])  # type: ignore[list-item]
+            else:
+                self._put(group)  # type: ignore[arg-type]
+
+    def _run(self, future: Future[Any], run: Callable[[], Any]) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        self.writes += 1
+        self.jobs += 1
+        try:
+            future.set_result(run())
+        except BaseException as exc:  # handed to the waiting request, never lost
+            future.set_exception(exc)
+
+    def _put(self, group: list[_Put]) -> None:
+        live = [job for job in group if job.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        first = live[0]
+        texts: list[str | None] | None = None
+        metadata: list[dict[str, Any] | None] | None = None
+        if any(job.texts is not None for job in live):
+            texts = [t for job in live for t in (job.texts or [None] * len(job.ids))]
+        if any(job.metadata is not None for job in live):
+            metadata = [m for job in live for m in (job.metadata or [None] * len(job.ids))]
+        ids = [doc_id for job in live for doc_id in job.ids]
+        vectors = live[0].vectors if len(live) == 1 else np.concatenate([j.vectors for j in live])
+        write = first.collection.upsert if first.replace else first.collection.add
+        self.writes += 1
+        self.jobs += len(live)
+        self.batch_docs.add(len(ids))
+        try:
+            lsn = write(first.fingerprint, ids, vectors, texts, metadata)
+        except EdgeAgentError as exc:
+            if len(live) == 1:
+                first.future.set_exception(exc)
+                return
+            # Writes are all-or-none, so nothing of the merged batch is stored: apply each
+            # request alone, so only the one at fault sees the error.
+            for job in live:
+                self.writes += 1
+                try:
+                    (job.collection.upsert if job.replace else job.collection.add)(
+                        job.fingerprint, job.ids, job.vectors, job.texts, job.metadata
+                    )
+                except BaseException as each:
+                    job.future.set_exception(each)
+                else:
+                    job.future.set_result(job.collection.lsn)
+            return
+        except BaseException as exc:
+            for job in live:
+                job.future.set_exception(exc)
+            return
+        for job in live:
+            job.future.set_result(lsn)
+
+
+class IndexService:
+    """Registers add/add_vectors/search/get/delete/count/collections on a Service."""
+
+    def __init__(self, store: IndexStore, service: Service, *, read_threads: int = 2) -> None:
+        self.store = store
+        self.service = service
+        embedder = service.embedder
+        manifest = embedder.manifest
+        self._model = (manifest.name, manifest.files[embedder.quant].sha256)
+        self._dims = manifest.dims
+        self._pooling = manifest.pooling
+        self._supported_dims = set(manifest.matryoshka_dims) | {manifest.dims}
+        self._writer = _Writer(store.config.max_batch)
+        self._readers = ThreadPoolExecutor(
+            max_workers=read_threads, thread_name_prefix="edge-agent-index-read"
+        )
+        self._failed: dict[str, str] = {}  # collections that could not be opened, and why
+        self._closed = False
+        for name, args_type, handler in (
+            ("add", AddArgs, self._add),
+            ("add_vectors", AddVectorsArgs, self._add_vectors),
+            ("search", SearchArgs, self._search),
+            ("get", GetArgs, self._get),
+            ("delete", DeleteArgs, self._delete),
+            ("count", CountArgs, self._count),
+            ("collections", CollectionsArgs, self._collections),
+        ):
+            service.register(name, args_type, handler)
+        service.health_sections["index"] = self._health
+        service.stats_sections["index"] = self._stats
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def fingerprint(self, dimensions: int | None = None) -> ModelFingerprint:
+        """What vectors embedded now are: this model file, with ``dimensions`` if given."""
+        if dimensions == self._dims:
+            dimensions = None
+        return ModelFingerprint(
+            self._model[0], self._model[1], self._dims, self._pooling, dimensions
+        )
+
+    def open_all(self) -> None:
+        """Open (and recover) every collection now, so start-up finds damage, not a request.
+
+        A collection that cannot be opened is reported by health and refuses calls with the
+        repair command; the others serve.
+        """
+        for name in self.store.names():
+            started = time.perf_counter()
+            try:
+                collection = self.store.open(name)
+            except EdgeAgentError as exc:
+                self._failed[name] = exc.message
+                log.error(
+                    "%s",
+                    kv(event="collection_unavailable", collection=name, error=exc.message),
+                )
+                continue
+            log.info(
+                "%s",
+                kv(
+                    event="collection_opened",
+                    collection=name,
+                    count=collection.count(),
+                    ms=(time.perf_counter() - started) * 1000,
+                ),
+            )
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.open_all)
+
+    def close(self) -> None:
+        """Apply every queued write, then close the collections (snapshot on close)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._writer.stop()
+        self._readers.shutdown(wait=True)
+        self.store.close()
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    async def _read(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, lambda: fn(*args, **kwargs))
+
+    async def _write(self, job: _Put | _Call) -> Any:
+        if self._closed:
+            raise ShuttingDown("the daemon is shutting down")
+        return await asyncio.wrap_future(self._writer.submit(job))
+
+    def _open(self, name: str) -> Collection:
+        if name in self._failed:
+            raise IndexCorrupt(
+                f"collection {name!r} could not be opened: {self._failed[name]}; run"
+                f" `edge-agent index check {name}` and `edge-agent index repair {name}`",
+                collection=name,
+            )
+        return self.store.open(name)
+
+    async def _collection(self, name: str, *, create_for: int | None = None) -> Collection:
+        """The open collection; with ``create_for`` (vector dims), create it when missing."""
+        try:
+            return await self._read(self._open, name)
+        except CollectionNotFound:
+            if create_for is None:
+                raise
+        fingerprint = self.fingerprint()
+        if create_for != fingerprint.vector_dims:
+            raise InvalidArgument(
+                f"vectors have {create_for} dims; a new collection holds this daemon's model's"
+                f" {fingerprint.vector_dims}-d vectors (create it with collections first for a"
+                " Matryoshka size)",
+                argument="vectors",
+            )
+        return await self._write(_Call(lambda: self.store.get_or_create(name, fingerprint)))
+
+    def _check_model(self, collection: Collection) -> ModelFingerprint:
+        """The fingerprint to embed this collection's texts with, or ModelMismatch."""
+        pinned = collection.fingerprint
+        ours = self.fingerprint(pinned.dimensions)
+        if ours != pinned:
+            raise ModelMismatch(
+                f"collection {collection.name!r} holds vectors of {pinned.describe()}; this"
+                f" daemon embeds with {ours.describe()} ({'; '.join(ours.differences(pinned))})."
+                " Serve that model file (--quant) or re-embed the collection",
+                collection=collection.name,
+            )
+        return ours
+
+    @staticmethod
+    def _info(collection: Collection) -> dict[str, Any]:
+        return {
+            "name": collection.name,
+            "count": collection.count(),
+            "dims": collection.dim,
+            "fingerprint": collection.fingerprint.to_json(),
+        }
+
+    # -- methods ----------------------------------------------------------------------------------
+
+    def _validate_docs(
+        self,
+        ids: list[str],
+        texts: list[str | None] | None,
+        metadata: list[dict[str, Any] | None] | None,
+    ) -> None:
+        """The index's own checks, before any embedding or collection creation: bad input
+        costs no model time and leaves nothing behind."""
+        config = self.store.config
+        if len(ids) > config.max_batch:
+            raise InvalidArgument(
+                f"{len(ids)} documents in one write; the limit is {config.max_batch}",
+                limit=config.max_batch,
+            )
+        for index, doc_id in enumerate(ids):
+            validate_id(doc_id, config, f"ids[{index}]")
+        if len(set(ids)) != len(ids):
+            raise InvalidArgument("ids repeat within one write")
+        for index, text in enumerate(texts or ()):
+            validate_text(text, config, f"texts[{index}]")
+        for index, meta in enumerate(metadata or ()):
+            validate_metadata(meta, config, f"metadata[{index}]")
+
+    async def _add(self, args: AddArgs) -> dict[str, Any]:
+        self._validate_docs(
+            [doc.id for doc in args.docs],
+            [doc.text for doc in args.docs] if args.store_text else None,
+            [doc.metadata for doc in args.docs],
+        )
+        try:
+            collection: Collection | None = await self._read(self._open, args.collection)
+        except CollectionNotFound:
+            if not args.create:
+                raise
+            collection = None  # made after the texts embed, so bad input leaves nothing behind
+        fingerprint = self.fingerprint() if collection is None else self._check_model(collection)
+        texts = [doc.text for doc in args.docs]
+        vectors, embedded = await self.service.embed_vectors(
+            EmbedArgs(
+                texts,
+                kind="document",
+                dimensions=fingerprint.dimensions,
+                long_text=args.long_text,
+            )
+        )
+        if collection is None:
+            collection = await self._write(
+                _Call(lambda: self.store.get_or_create(args.collection, fingerprint))
+            )
+            fingerprint = self._check_model(collection)  # another request may have made it
+        lsn = await self._write(
+            _Put(
+                collection,
+                fingerprint,
+                [doc.id for doc in args.docs],
+                vectors,
+                texts if args.store_text else None,
+                [doc.metadata for doc in args.docs],
+                replace=args.if_exists == "replace",
+            )
+        )
+        return {
+            "collection": collection.name,
+            "added": len(args.docs),
+            "lsn": lsn,
+            "truncated": [i for i, t in enumerate(embedded["truncated"]) if t],
+            "tokens": int(sum(embedded["token_counts"])),
+        }
+
+    async def _add_vectors(self, args: AddVectorsArgs) -> dict[str, Any]:
+        self._validate_docs(args.ids, args.texts, args.metadata)
+        collection = await self._collection(
+            args.collection, create_for=args.vectors.shape[1] if args.create else None
+        )
+        if args.vectors.shape[1] != collection.dim:
+            raise InvalidArgument(
+                f"vectors have {args.vectors.shape[1]} dims; collection {collection.name!r}"
+                f" holds {collection.dim}-d vectors",
+                argument="vectors",
+            )
+        lsn = await self._write(
+            _Put(
+                collection,
+                collection.fingerprint,  # the caller vouches the vectors come from its model
+                args.ids,
+                args.vectors,
+                args.texts,
+                args.metadata,
+                replace=args.if_exists == "replace",
+            )
+        )
+        return {"collection": collection.name, "added": len(args.ids), "lsn": lsn}
+
+    async def _search(self, args: SearchArgs) -> dict[str, Any]:
+        collection = await self._collection(args.collection)
+        started = time.perf_counter()
+        if args.vector is not None:
+            fingerprint = collection.fingerprint
+            query = args.vector
+            embed_ms = 0.0
+        else:
+            fingerprint = self._check_model(collection)
+            assert args.text is not None  # SearchArgs guarantees text or vector
+            vectors, _ = await self.service.embed_vectors(
+                EmbedArgs(
+                    [args.text],
+                    kind="query",
+                    instruction=args.instruction,
+                    dimensions=fingerprint.dimensions,
+                )
+            )
+            query = vectors[0]
+            embed_ms = (time.perf_counter() - started) * 1000
+        if query.shape[0] != collection.dim:
+            raise InvalidArgument(
+                f"the query vector has {query.shape[0]} dims; collection {collection.name!r}"
+                f" holds {collection.dim}-d vectors",
+                argument="vector",
+            )
+        searched = time.perf_counter()
+        hits = await self._read(
+            collection.search,
+            fingerprint,
+            query,
+            args.k,
+            where=args.filter,
+            ef=args.ef,
+            with_text=args.include_text,
+        )
+        return {
+            "collection": collection.name,
+            "hits": [
+                {"id": h.id, "score": h.score, "metadata": h.metadata, "text": h.text} for h in hits
+            ],
+            "timing_ms": {
+                "embed": round(embed_ms, 3),
+                "search": round((time.perf_counter() - searched) * 1000, 3),
+            },
+        }
+
+    async def _get(self, args: GetArgs) -> dict[str, Any]:
+        collection = await self._collection(args.collection)
+
+        def fetch() -> list[Any]:
+            return [collection.get(doc_id, with_vector=args.with_vectors) for doc_id in args.ids]
+
+        docs = await self._read(fetch)
+        result: dict[str, Any] = {
+            "collection": collection.name,
+            "documents": [
+                None if d is None else {"id": d.id, "text": d.text, "metadata": d.metadata}
+                for d in docs
+            ],
+        }
+        if args.with_vectors:
+            found = [d.vector for d in docs if d is not None]
+            matrix = np.stack(found) if found else np.empty((0, collection.dim), np.float32)
+            result.update(encode_vectors(matrix))
+        return result
+
+    async def _delete(self, args: DeleteArgs) -> dict[str, Any]:
+        collection = await self._collection(args.collection)
+        deleted = await self._write(_Call(lambda: collection.delete(args.ids)))
+        return {"collection": collection.name, "deleted": deleted}
+
+    async def _count(self, args: CountArgs) -> dict[str, Any]:
+        collection = await self._collection(args.collection)
+        return {"collection": collection.name, "count": await self._read(collection.count)}
+
+    async def _collections(self, args: CollectionsArgs) -> dict[str, Any]:
+        if args.action == "list":
+            return {"collections": await self._read(self._list)}
+        assert args.name is not None  # CollectionsArgs requires a name for other actions
+        name = args.name
+        if args.action == "create":
+            dims = args.dimensions
+            if dims is not None and dims not in self._supported_dims:
+                raise DimensionsNotSupported(
+                    f"model {self._model[0]!r} cannot give {dims} dimensions (supported:"
+                    f" {sorted(self._supported_dims)})",
+                    allowed=sorted(self._supported_dims),
+                )
+            fingerprint = self.fingerprint(dims)
+            collection = await self._write(_Call(lambda: self.store.create(name, fingerprint)))
+            log.info("%s", kv(event="collection_created", collection=name))
+            return self._info(collection)
+        if args.action == "drop":
+            await self._write(_Call(lambda: self.store.drop(name)))
+            self._failed.pop(name, None)
+            log.info("%s", kv(event="collection_dropped", collection=name))
+            return {"dropped": name}
+        collection = await self._collection(name)
+        stats = await self._read(collection.stats)
+        return {**self._info(collection), "stats": dataclasses.asdict(stats)}
+
+    def _list(self) -> list[dict[str, Any]]:
+        listed = []
+        for name in self.store.names():
+            if name in self._failed:
+                listed.append({"name": name, "state": "unavailable", "error": self._failed[name]})
+                continue
+            try:
+                listed.append({**self._info(self.store.open(name)), "state": "ok"})
+            except EdgeAgentError as exc:
+                listed.append({"name": name, "state": "unavailable", "error": exc.message})
+        return listed
+
+    # -- health and stats -------------------------------------------------------------------------
+
+    def _health(self) -> dict[str, Any]:
+        return {
+            "status": "degraded" if self._failed else "ok",
+            "collections": len(self.store.names()),
+            "unavailable": dict(self._failed),
+            "write_queue": self._writer.depth,
+        }
+
+    def _stats(self) -> dict[str, Any]:
+        return {
+            "write_queue": self._writer.depth,
+            "writes": self._writer.writes,
+            "write_requests": self._writer.jobs,
+            "docs_per_write": self._writer.batch_docs.percentiles(),
+        }

@@ -1,0 +1,156 @@
+"""Structured logs on stderr: ``key=value`` lines (default) or one JSON object a line.
+
+Log calls in edge-agent pass their fields as ``kv(event=..., n=...)`` (edge_agent.service); the
+formatters here turn those into fields, and any other message into ``msg``. Values are ours
+(counts, names, timings), never document text or auth tokens: callers log lengths and codes.
+
+Under systemd, stderr goes to the journal (``JOURNAL_STREAM`` names that stream): lines then
+start with a ``<N>`` syslog priority so ``journalctl -p warning`` works, and carry no timestamp
+of their own because the journal records one.
+
+This module imports nothing heavy: the CLI sets logging up before it knows the command.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping
+from typing import IO, Any
+
+__all__ = ["LOG_FORMATS", "JsonFormatter", "KeyValueFormatter", "setup_logging", "under_journald"]
+
+LOG_FORMATS = ("kv", "json")
+_SYSLOG_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+_BASE_KEYS = ("ts", "level", "logger")
+_HANDLER_MARK = "_edge_agent_handler"
+
+
+def under_journald(stream: IO[str], environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``stream`` is the journal stream systemd connected (``JOURNAL_STREAM=dev:ino``)."""
+    env = os.environ if environ is None else environ
+    expected = env.get("JOURNAL_STREAM", "")
+    if not expected:
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any] | None:
+    """The kv(...) fields of a record logged as ``log.info("%s", kv(...))``, else None.
+
+    Matched by shape rather than by class so this module need not import the service layer.
+    """
+    args = record.args
+    if record.msg == "%s" and isinstance(args, tuple) and len(args) == 1:
+        fields = getattr(args[0], "fields", None)
+        if type(args[0]).__name__ == "kv" and isinstance(fields, dict):
+            return fields
+    return None
+
+
+def _kv_text(value: Any) -> str:
+    # Same rules as service.kv: floats to 3 decimals, quoted when the text would split a field.
+    text = f"{value:.3f}" if isinstance(value, float) else str(value)
+    if not text or any(c in text for c in ' ="\n\\'):
+        text = json.dumps(text)
+    return text
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    return f"{seconds}.{int(record.msecs):03d}Z"
+
+
+class KeyValueFormatter(logging.Formatter):
+    """``ts=... level=info logger=edge_agent.app event=model_loaded quant=Q8_0``."""
+
+    def __init__(self, journald: bool = False) -> None:
+        super().__init__()
+        self.journald = journald
+
+    def format(self, record: logging.LogRecord) -> str:
+        parts = []
+        if not self.journald:
+            parts.append(f"ts={_timestamp(record)}")
+        parts += [f"level={record.levelname.lower()}", f"logger={record.name}"]
+        fields = _fields(record)
+        if fields is None:
+            parts.append(f"msg={_kv_text(record.getMessage())}")
+        else:
+            parts += [f"{key}={_kv_text(value)}" for key, value in fields.items()]
+        if record.exc_info:
+            parts.append(f"exc={json.dumps(self.formatException(record.exc_info))}")
+        line = " ".join(parts)
+        if self.journald:
+            return f"<{_SYSLOG_PRIORITY.get(record.levelname, 6)}>{line}"
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: ts, level, logger, then the kv fields (or ``msg``)."""
+
+    def __init__(self, journald: bool = False) -> None:
+        super().__init__()
+        self.journald = journald
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": _timestamp(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields = _fields(record)
+        if fields is None:
+            out["msg"] = record.getMessage()
+        else:
+            for key, value in fields.items():
+                # A field may not overwrite the record's own keys.
+                out[f"field_{key}" if key in _BASE_KEYS else key] = _json_value(value)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        line = json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+        if self.journald:
+            return f"<{_SYSLOG_PRIORITY.get(record.levelname, 6)}>{line}"
+        return line
+
+
+def _json_value(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return round(value, 3)
+    return str(value)
+
+
+def setup_logging(
+    level: str = "info",
+    fmt: str = "kv",
+    *,
+    stream: IO[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> logging.Handler:
+    """Send edge-agent's logs (the root logger) to ``stream`` (stderr) in ``fmt``.
+
+    Calling it again replaces the handler it installed before, so a process that runs the CLI
+    twice (tests) does not print every line twice.
+    """
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {LOG_FORMATS}, got {fmt!r}")
+    stream = stream or sys.stderr
+    journald = under_journald(stream, environ)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(KeyValueFormatter(journald) if fmt == "kv" else JsonFormatter(journald))
+    setattr(handler, _HANDLER_MARK, True)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    return handler

@@ -9,9 +9,10 @@ One run, side by side (the machine is noisy, so ratios are what to read):
    requests back to back (one connection per client, asyncio);
    rounds alternate 1 and 2, so both see the same disturbances; the best round of each counts;
 3. ``search`` by text end to end (embed the query + ANN + reply) on a collection of
-   ``--search-docs`` vectors (random unit vectors loaded with ``add_vectors``: the worst case
-   for HNSW, and no embedding time spent building it), one client, p50/p99 as the client sees
-   them, with the daemon's own split between embedding and search.
+   ``--search-docs`` vectors loaded with ``add_vectors``: real text embeddings from
+   ``--vectors`` (a .npy, e.g. the cache bench/index_text_recall.py writes), else random unit
+   vectors (the worst case for HNSW); one client, p50/p99 as the client sees them, with the
+   daemon's own split between embedding and search.
 
     python bench/serve_bench.py [--quant F16] [--threads 2] [--texts 256] [--rounds 3]
                                 [--search-docs 100000] [--clients 1,4,16,64]
@@ -44,6 +45,8 @@ from _common import (
 
 from edge_agent.client import AsyncClient, Client
 from edge_agent.embedder import Embedder, EmbedderConfig
+
+CACHE = Path.home() / ".cache" / "edge-agent" / "bench"  # bench/index_text_recall.py's cache
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -109,13 +112,18 @@ def start_daemon(args: argparse.Namespace, workdir: Path, models_dir: Path) -> s
     return proc
 
 
-def load_search_collection(socket_path: Path, docs: int, dims: int, seed: int = 0) -> float:
+def load_search_collection(
+    socket_path: Path, docs: int, dims: int, source: np.ndarray | None, seed: int = 0
+) -> float:
     rng = np.random.default_rng(seed)
     started = time.perf_counter()
     with Client(socket_path, timeout=600.0) as client:
         for offset in range(0, docs, 5000):
             size = min(5000, docs - offset)
-            vectors = rng.standard_normal((size, dims)).astype(np.float32)
+            if source is not None:
+                vectors = source[offset : offset + size]
+            else:
+                vectors = rng.standard_normal((size, dims)).astype(np.float32)
             client.add_vectors(
                 "bench", [f"d{offset + i}" for i in range(size)], vectors,
                 metadata=[{"shard": (offset + i) % 8} for i in range(size)],
@@ -151,6 +159,13 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,16,64")
     parser.add_argument("--search-docs", type=int, default=100_000)
     parser.add_argument("--search-queries", type=int, default=200)
+    parser.add_argument(
+        "--vectors",
+        type=Path,
+        default=next(iter(sorted(CACHE.glob("text-*.npy"))), None),
+        help="real embeddings (.npy, N x 384) for the search collection (default: the"
+        " index_text_recall.py cache if present, else random vectors)",
+    )
     args = parser.parse_args()
     clients_levels = [int(x) for x in args.clients.split(",")]
     began = time.perf_counter()
@@ -217,10 +232,22 @@ def main() -> None:
                 print(f"16 clients vs 1: {gain:.2f}x (target >= 3x)")
 
             if args.search_docs:
+                source = None
+                if args.vectors is not None and args.vectors.is_file():
+                    source = np.load(args.vectors, mmap_mode="r")
+                    args.search_docs = min(args.search_docs, len(source))
+                kind = (
+                    f"real text embeddings from {args.vectors.name}"
+                    if source is not None
+                    else ("random unit vectors")
+                )
                 print(f"\nloading {args.search_docs} vectors for search ...", file=sys.stderr)
-                rate = load_search_collection(socket_path, args.search_docs, 384)
+                rate = load_search_collection(socket_path, args.search_docs, 384, source)
                 timing = search_by_text(socket_path, queries)
-                print(f"\nsearch by text, {args.search_docs} docs (load {rate:.0f} vectors/s):")
+                print(
+                    f"\nsearch by text, {args.search_docs} docs, {kind}"
+                    f" (loaded at {rate:.0f} vectors/s):"
+                )
                 print(markdown_table(
                     ["", "p50 ms", "p99 ms", "embed p50 ms", "ANN p50 ms"],
                     [["search(text, k=10)", f"{timing['p50']:.2f}", f"{timing['p99']:.2f}",

@@ -239,7 +239,7 @@ SETTINGS: tuple[Setting, ...] = (
        low=2, high=128, env="EDGE_AGENT_INDEX_M"),
     _s("index.ef_construction", "int", 200, "HNSW build candidates (new collections); profile",
        low=8, high=4096, env="EDGE_AGENT_INDEX_EF_CONSTRUCTION"),
-    _s("index.ef_search", "int", 64, "HNSW query candidates; unset: profile",
+    _s("index.ef_search", "int", 96, "HNSW query candidates; unset: profile",
        low=1, high=65536, env="EDGE_AGENT_INDEX_EF_SEARCH"),
     _s("index.exact_search_max", "int", None,
        "live vectors up to which search is an exact scan; unset: by dimension (~10k at 384)",

@@ -11,9 +11,9 @@ import os
 import re
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 import numpy as np
 
@@ -152,8 +152,41 @@ class ModelHandle:
         raise NotImplementedError
 
 
+class _CallerThread:
+    """The executor interface, running each call at once on the thread that made it.
+
+    For a process whose thread does nothing but embed (the worker child): handing each call
+    to a model thread would cost two thread switches per request for nothing. Calls from any
+    other thread are refused, so llama.cpp still only ever sees one thread.
+    """
+
+    def __init__(self) -> None:
+        self._owner = threading.get_ident()
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        if threading.get_ident() != self._owner:
+            raise RuntimeError("this Embedder runs on the thread that created it only")
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # delivered through the future, as an executor would
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
+
+
 class Embedder(ModelHandle):
-    def __init__(self, resolved: ResolvedModel, config: EmbedderConfig | None = None) -> None:
+    def __init__(
+        self,
+        resolved: ResolvedModel,
+        config: EmbedderConfig | None = None,
+        *,
+        on_caller_thread: bool = False,
+    ) -> None:
+        """``on_caller_thread``: run llama.cpp on the constructing thread (which must then make
+        every call) instead of a model thread of its own; see _CallerThread."""
         self.config = config or EmbedderConfig()
         self.manifest: ModelManifest = resolved.manifest
         self.quant = resolved.quant
@@ -166,7 +199,11 @@ class Embedder(ModelHandle):
         sequences = self.config.max_sequences
         batch_tokens = -(-batch_tokens // sequences) * sequences
         # Thread-owned: every llama.cpp call happens on this single worker thread.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-agent-model")
+        self._executor: ThreadPoolExecutor | _CallerThread = (
+            _CallerThread()
+            if on_caller_thread
+            else ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-agent-model")
+        )
         self._closed = threading.Event()
         settings = EngineSettings(
             threads=self.threads,

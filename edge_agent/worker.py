@@ -42,7 +42,8 @@ def _child_main(conn: Connection, resolved: ResolvedModel, config: EmbedderConfi
     """The child: open the embedder, then answer (args, kwargs) requests until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     try:
-        embedder = Embedder(resolved, config)
+        # This thread does nothing else: llama.cpp runs on it directly (no handoff per call).
+        embedder = Embedder(resolved, config, on_caller_thread=True)
     except EdgeAgentError as exc:
         conn.send(("error", int(exc.code), exc.message, exc.data))
         return

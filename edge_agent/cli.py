@@ -321,9 +321,14 @@ def cmd_add(args: argparse.Namespace) -> int:
     from .ingest import read_sources
     from .progress import Progress
 
-    docs = read_sources(args.files, sys.stdin, jsonl=args.jsonl, chunk_chars=args.chunk_chars)
     added = truncated = 0
     with _client(args) as client, Progress(f"add to {args.collection}", None, " docs") as bar:
+        chunk_chars = args.chunk_chars
+        if chunk_chars is None:
+            # ~3 characters a token keeps most chunks inside the model's window (prose runs
+            # ~4, code and markup fewer); what still overflows follows --long-text.
+            chunk_chars = max(200, 3 * int(client.hello().get("max_tokens", 256)))
+        docs = read_sources(args.files, sys.stdin, jsonl=args.jsonl, chunk_chars=chunk_chars)
         batch: list[Any] = []
 
         def flush() -> None:
@@ -699,9 +704,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("collection")
     p.add_argument("files", nargs="*", help="text or .jsonl files; - or none: stdin")
     p.add_argument("--jsonl", action="store_true", help="read every input as JSONL")
-    p.add_argument("--chunk-chars", type=int, default=1000, help="plain-text chunk size")
+    p.add_argument(
+        "--chunk-chars",
+        type=int,
+        help="plain-text chunk size (default: 3 x the model's max tokens, 768 for MiniLM)",
+    )
     p.add_argument("--batch", type=int, default=64, help="documents per request (default 64)")
-    p.add_argument("--long-text", choices=("truncate", "chunk", "error"), default="truncate")
+    p.add_argument(
+        "--long-text",
+        choices=("truncate", "chunk", "error"),
+        default="chunk",
+        help="a chunk still over the model's window: embed all of it in pieces (chunk,"
+        " default), cut it (truncate) or refuse (error)",
+    )
     p.add_argument("--no-text", action="store_true", help="store vectors and metadata only")
     add_client_options(p)
     p.set_defaults(func=cmd_add)

@@ -165,3 +165,22 @@ def test_health_stats_and_token(daemon: ServerThread, tmp_path: Path) -> None:
     assert "search" in json.loads(stats.stdout)["methods"]
     first, second = run_cli("token").stdout.strip(), run_cli("token").stdout.strip()
     assert len(first) >= 40 and first != second
+
+
+def test_long_files_are_chunked_to_the_model_window(daemon: ServerThread, tmp_path: Path) -> None:
+    sock = str(daemon.socket_path)
+    paragraphs = [
+        f"Paragraph {i} explains how the pump number {i} is serviced every spring. " * 3
+        for i in range(30)
+    ]
+    manual = tmp_path / "manual.txt"
+    manual.write_text("\n\n".join(paragraphs))
+    result = run_cli("add", "manuals", str(manual), "--connect", sock)
+    assert result.returncode == 0, result.stderr
+    added = int(result.stdout.split()[1])
+    # 3 x 256 characters a chunk: every paragraph kept, nothing cut to the model's window.
+    assert len(manual.read_text()) / 768 <= added <= len(paragraphs)
+    assert "truncated" not in result.stdout
+    hits = run_cli("search", "manuals", "pump 17 spring service", "--json", "--connect", sock)
+    top = json.loads(hits.stdout.splitlines()[0])
+    assert "pump number 17" in top["text"] and top["metadata"]["source"] == str(manual)

@@ -498,24 +498,22 @@ def cmd_config_init(args: argparse.Namespace) -> int:
 
 
 def cmd_service_install(args: argparse.Namespace) -> int:
-    from .service_install import apply, install_plan
+    from .service_install import install_plan
 
     executable = [str(Path(args.executable).absolute())] if args.executable else None
-    plan = install_plan(args.platform, executable, start=not args.no_start)
-    if args.dry_run:
-        print(plan.render(), end="")
-        return 0
-    for line in apply(plan):
-        print(line)
-    for note in plan.notes:
-        print(note)
-    return 0
+    return _run_plan(install_plan(args.platform, executable, start=not args.no_start), args)
 
 
 def cmd_service_uninstall(args: argparse.Namespace) -> int:
-    from .service_install import apply, uninstall_plan
+    from .service_install import uninstall_plan
 
-    plan = uninstall_plan(args.platform)
+    return _run_plan(uninstall_plan(args.platform), args)
+
+
+def _run_plan(plan: Any, args: argparse.Namespace) -> int:
+    """Print the plan (--dry-run) or apply it, then its notes."""
+    from .service_install import apply
+
     if args.dry_run:
         print(plan.render(), end="")
         return 0

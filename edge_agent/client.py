@@ -23,7 +23,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -170,6 +170,19 @@ def _read_message(message: Any) -> Response | Notification:
     if not isinstance(parsed, (Response, Notification)):
         raise BadResponse("the daemon sent a request; this client serves none")
     return parsed
+
+
+def _responses(decoder: Decoder, data: bytes | None = None) -> Iterator[Response]:
+    """The responses decoded from ``data`` (fed first, if given) or already buffered; raises
+    the error the daemon sent before closing the connection, if that is what came."""
+    for obj in decoder if data is None else decoder.feed_iter(data):
+        message = _read_message(obj)
+        if isinstance(message, Notification):
+            fatal = _fatal_from_notification(message)
+            if fatal is not None:
+                raise fatal
+            continue
+        yield message
 
 
 def _fatal_from_notification(message: Notification) -> ProtocolError | None:
@@ -446,13 +459,7 @@ class Client:
         decoder = self._decoder
         assert decoder is not None
         while True:
-            for obj in decoder:
-                message = _read_message(obj)
-                if isinstance(message, Notification):
-                    fatal = _fatal_from_notification(message)
-                    if fatal is not None:
-                        raise fatal
-                    continue
+            for message in _responses(decoder):
                 if message.msgid == msgid:
                     return message
                 # Anything else is a reply we no longer wait for: ignore it.
@@ -647,13 +654,72 @@ def _unreachable(label: str, failures: Sequence[str]) -> Exception:
     )
 
 
-class _AsyncConnection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+class _AsyncConnection(asyncio.Protocol):
+    """One connection of an AsyncClient. A Protocol: each reply is decoded in the callback that
+    received its bytes and handed straight to its caller's future (no reader task between)."""
+
+    def __init__(self, endpoint: Endpoint, limits: Limits) -> None:
+        self.endpoint = endpoint
+        self.decoder = Decoder(limits)
         self.pending: dict[int, asyncio.Future[Response]] = {}
+        self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.reader_task: asyncio.Task[None] | None = None
+        self.error: Exception = ConnectionFailed(
+            f"the daemon at {endpoint} closed the connection"
+        )
+        self._write_ready: asyncio.Future[None] | None = None  # set while writes are paused
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            # Several replies in one read are fine; one reply over max_response_bytes is not.
+            for message in _responses(self.decoder, data):
+                future = self.pending.pop(message.msgid, None)
+                if future is not None and not future.done():
+                    future.set_result(message)
+        except ProtocolError as exc:
+            self.fail(exc)
+
+    def eof_received(self) -> bool:
+        return False  # the daemon hung up: close our side too (connection_lost follows)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and not isinstance(self.error, ProtocolError):
+            self.error = ConnectionFailed(f"connection to {self.endpoint} broke: {exc}")
+        self.fail(self.error)
+
+    def pause_writing(self) -> None:
+        self._write_ready = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._write_ready is not None and not self._write_ready.done():
+            self._write_ready.set_result(None)
+        self._write_ready = None
+
+    def fail(self, exc: Exception) -> None:
+        """End the connection: every caller still waiting gets ``exc``."""
+        if not self.closed:
+            self.closed = True
+            self.error = exc
+            if self.transport is not None:
+                self.transport.close()
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(exc)
+        self.pending.clear()
+        if self._write_ready is not None and not self._write_ready.done():
+            self._write_ready.set_result(None)
+
+    async def send(self, payload: bytes) -> None:
+        if self.closed or self.transport is None:
+            raise self.error
+        self.transport.write(payload)
+        if self._write_ready is not None:
+            # A large request the kernel has not taken yet: wait, so a loop of big calls
+            # cannot buffer without bound.
+            await self._write_ready
 
 
 class AsyncClient:
@@ -690,75 +756,46 @@ class AsyncClient:
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            self._fail(conn, ConnectionFailed("the client was closed"))
-            if conn.reader_task is not None:
-                conn.reader_task.cancel()
-                await asyncio.gather(conn.reader_task, return_exceptions=True)
-
-    def _fail(self, conn: _AsyncConnection, exc: Exception) -> None:
-        conn.closed = True
-        conn.writer.close()
-        for future in conn.pending.values():
-            if not future.done():
-                future.set_exception(exc)
-        conn.pending.clear()
-        if self._conn is conn:
-            self._conn = None
+            conn.fail(ConnectionFailed("the client was closed"))
 
     async def _connection(self) -> tuple[_AsyncConnection, bool]:
         """The live connection, and whether it was opened just now."""
+        if self._conn is not None and not self._conn.closed:
+            return self._conn, False
         if self._connect_lock is None:
             self._connect_lock = asyncio.Lock()
         async with self._connect_lock:
             if self._conn is not None and not self._conn.closed:
                 return self._conn, False
             endpoint = self.endpoint
+            loop = asyncio.get_running_loop()
+
+            def factory() -> _AsyncConnection:
+                return _AsyncConnection(endpoint, self._limits)
+
             opening = (
-                asyncio.open_connection(endpoint.host, endpoint.port)
+                loop.create_connection(factory, endpoint.host, endpoint.port)
                 if endpoint.is_tcp
-                else asyncio.open_unix_connection(os.fspath(endpoint.path))
+                else loop.create_unix_connection(factory, os.fspath(endpoint.path))
             )
             try:
-                reader, writer = await asyncio.wait_for(opening, self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    transport, conn = await opening
             except TimeoutError:
                 raise RequestTimeout(f"connecting to {endpoint} timed out") from None
             except OSError as exc:
                 raise _connect_error(endpoint, exc) from exc
-            conn = _AsyncConnection(reader, writer)
-            conn.reader_task = asyncio.create_task(self._read_loop(conn))
+            if endpoint.is_tcp:
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._conn = conn
             if self._token is not None:
                 response = await self._request(conn, "auth", {"token": self._token})
                 if response.error is not None:
-                    self._fail(conn, ConnectionFailed("authentication failed"))
+                    conn.fail(ConnectionFailed("authentication failed"))
                     raise error_from_wire(response.error)
             return conn, True
-
-    async def _read_loop(self, conn: _AsyncConnection) -> None:
-        decoder = Decoder(self._limits)
-        error: Exception = ConnectionFailed(f"the daemon at {self.endpoint} closed the connection")
-        try:
-            while True:
-                data = await conn.reader.read(min(_READ_CHUNK, max(decoder.room(), 1)))
-                if not data:
-                    break
-                decoder.feed(data)
-                for obj in decoder:
-                    message = _read_message(obj)
-                    if isinstance(message, Notification):
-                        fatal = _fatal_from_notification(message)
-                        if fatal is not None:
-                            raise fatal
-                        continue
-                    future = conn.pending.pop(message.msgid, None)
-                    if future is not None and not future.done():
-                        future.set_result(message)
-        except ProtocolError as exc:
-            error = exc
-        except OSError as exc:
-            error = ConnectionFailed(f"connection to {self.endpoint} broke: {exc}")
-        finally:
-            self._fail(conn, error)
 
     async def _request(
         self, conn: _AsyncConnection, method: str, args: Mapping[str, Any] | None
@@ -767,8 +804,10 @@ class AsyncClient:
         future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         conn.pending[msgid] = future
         try:
-            payload = encode_request(msgid, method, args)
-            return await asyncio.wait_for(self._send_and_wait(conn, future, payload), self.timeout)
+            # asyncio.timeout, not wait_for: no extra task (and loop turn) per request.
+            async with asyncio.timeout(self.timeout):
+                await conn.send(encode_request(msgid, method, args))
+                return await future
         except TimeoutError:
             raise RequestTimeout(f"{method} timed out after {self.timeout}s") from None
         finally:
@@ -788,22 +827,6 @@ class AsyncClient:
                 raise error_from_wire(response.error)
             return response.result
         raise AssertionError("unreachable")
-
-    async def _send_and_wait(
-        self, conn: _AsyncConnection, future: asyncio.Future[Response], payload: bytes
-    ) -> Response:
-        try:
-            conn.writer.write(payload)
-            await conn.writer.drain()
-        except OSError as exc:
-            # A daemon that refuses a connection says why before closing: let the reader task
-            # deliver that reason to this future before settling for a generic failure.
-            if conn.reader_task is not None:
-                await asyncio.wait({conn.reader_task}, timeout=1.0)
-            if not future.done():
-                error = ConnectionFailed(f"connection to {self.endpoint} broke: {exc}")
-                self._fail(conn, error)
-        return await future
 
     # -- methods ------------------------------------------------------------------------------
 

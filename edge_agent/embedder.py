@@ -7,17 +7,17 @@ input fails fast with a typed error and never reaches the engine.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import numpy as np
 
-from .engine import Engine, EngineSettings
 from .errors import (
     DimensionsNotSupported,
     EmptyText,
@@ -28,6 +28,9 @@ from .errors import (
 from .models.manifest import ModelManifest
 from .models.store import ModelStore, ResolvedModel
 from .texts import check_text
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 __all__ = ["Embedder", "EmbedderConfig", "Embeddings", "ModelHandle"]
 
@@ -151,6 +154,13 @@ class ModelHandle:
     def close(self) -> None:
         raise NotImplementedError
 
+    def embed(self, texts: Sequence[str], **options: Any) -> Embeddings:
+        raise NotImplementedError
+
+    def submit(self, texts: Sequence[str], **options: Any) -> asyncio.Future[Embeddings]:
+        """Start ``embed`` from an event loop; the future holds the Embeddings or the error."""
+        raise NotImplementedError
+
 
 class _CallerThread:
     """The executor interface, running each call at once on the thread that made it.
@@ -205,6 +215,10 @@ class Embedder(ModelHandle):
             else ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-agent-model")
         )
         self._closed = threading.Event()
+        # llama.cpp loads here, not on import: the daemon imports this module for its
+        # configuration types and runs the engine in a child process.
+        from .engine import Engine, EngineSettings
+
         settings = EngineSettings(
             threads=self.threads,
             batch_tokens=batch_tokens,
@@ -327,15 +341,37 @@ class Embedder(ModelHandle):
         dimensions: int | None = None,
         long_text: LongText = "truncate",
     ) -> Embeddings:
+        return self._start(texts, kind, instruction, dimensions, long_text).result()
+
+    def submit(
+        self,
+        texts: Sequence[str],
+        kind: Kind = "document",
+        instruction: str | None = None,
+        dimensions: int | None = None,
+        long_text: LongText = "truncate",
+    ) -> asyncio.Future[Embeddings]:
+        """``embed`` for an event loop: validates here (bad input raises at once), then the
+        model thread's work is awaited through the returned future, with no executor thread in
+        between."""
+        return asyncio.wrap_future(self._start(texts, kind, instruction, dimensions, long_text))
+
+    def _start(
+        self,
+        texts: Sequence[str],
+        kind: str,
+        instruction: str | None,
+        dimensions: int | None,
+        long_text: str,
+    ) -> Future[Embeddings]:
+        """Validate on the caller's thread, then queue the work on the model thread."""
         if self._closed.is_set():
             raise EngineError("embedder is closed")
         formatted = self._format(texts, kind, instruction)
         out_dims = self._check_dimensions(dimensions)
         if long_text not in LONG_TEXT_MODES:
             raise InvalidArgument(f"long_text must be one of {LONG_TEXT_MODES}, got {long_text!r}")
-        return self._executor.submit(
-            self._embed_on_model_thread, formatted, long_text, out_dims
-        ).result()
+        return self._executor.submit(self._embed_on_model_thread, formatted, long_text, out_dims)
 
     def _prepare(self, index: int, text: str, long_text: str) -> _Prepared:
         content = self._engine.tokenize(text, add_special=False)

@@ -10,7 +10,7 @@ the typed errors below; ``parse_message`` then checks the msgpack-rpc shape.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Final
@@ -251,9 +251,9 @@ class Decoder:
     def room(self) -> int:
         return self.limits.max_message_bytes - self.pending_bytes
 
-    def _too_large(self) -> MessageTooLarge:
+    def _too_large(self, limit: int | None = None) -> MessageTooLarge:
         self._broken = True
-        limit = self.limits.max_message_bytes
+        limit = self.limits.max_message_bytes if limit is None else limit
         return MessageTooLarge(f"message over {limit} bytes", limit=limit)
 
     def feed(self, data: bytes) -> None:
@@ -268,6 +268,25 @@ class Decoder:
         except msgpack.BufferFull:
             raise self._too_large() from None
         self._fed += len(data)
+
+    def feed_iter(self, data: bytes, limit: Callable[[], int] | None = None) -> Iterator[Any]:
+        """Feed ``data`` and yield each complete message as it appears, never buffering more of
+        one message than the limit: ``limit()`` if given (read again before each piece, so it
+        may change between messages, as a connection's does at auth), else max_message_bytes.
+        Raises MessageTooLarge as soon as an incomplete message reaches the limit."""
+        offset = 0
+        while offset < len(data):
+            cap = limit() if limit is not None else self.limits.max_message_bytes
+            room = cap - self.pending_bytes
+            if room <= 0:
+                raise self._too_large(cap)
+            piece = data[offset : offset + room] if offset or room < len(data) else data
+            self.feed(piece)
+            offset += len(piece)
+            yield from self
+        cap = limit() if limit is not None else self.limits.max_message_bytes
+        if self.pending_bytes >= cap:
+            raise self._too_large(cap)
 
     def __iter__(self) -> Iterator[Any]:
         """Every complete message buffered so far; raises MalformedFrame on bad bytes."""

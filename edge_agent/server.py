@@ -1,9 +1,9 @@
 """The transports (Unix socket, optional TCP): bytes in, ``Service.call``, bytes out.
 
-One asyncio task per connection reads frames through its own ``protocol.Decoder``; each request
-runs as its own task, so a client may pipeline requests and get replies out of order (msgpack-
-rpc matches them by msgid). A frame that cannot be decoded ends that connection only: the
-stream cannot be resynchronised, so its decoder is dropped with it.
+Each connection is an asyncio Protocol that decodes frames through its own ``protocol.Decoder``
+and starts each request as soon as it is decoded, so a client may pipeline requests and get
+replies out of order (msgpack-rpc matches them by msgid). A frame that cannot be decoded ends
+that connection only: the stream cannot be resynchronised, so its decoder is dropped with it.
 
 Unix-socket peers are trusted by the socket's file mode (0600). A TCP peer, when a token is
 configured, is unauthenticated until its ``auth`` call succeeds: until then it may call only
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import itertools
 import logging
@@ -22,7 +23,7 @@ import os
 import socket
 import stat
 import time
-from dataclasses import dataclass, field
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,6 @@ from .protocol import (
     BadRequest,
     Decoder,
     Limits,
-    MessageTooLarge,
     Notification,
     Overloaded,
     ProtocolError,
@@ -54,7 +54,6 @@ __all__ = ["PREAUTH_MAX_BYTES", "Server", "check_socket_free"]
 
 log = logging.getLogger("edge_agent.server")
 
-READ_CHUNK = 256 << 10
 # sun_path is 108 bytes on Linux and 104 on macOS/BSD, including the terminating NUL.
 _MAX_SOCKET_PATH = 103
 # Before auth a TCP peer can send only hello/auth: a few hundred bytes. Anything larger is not a
@@ -142,30 +141,310 @@ def _bind(path: Path) -> socket.socket:
     return sock
 
 
-@dataclass(eq=False)
-class _Connection:
-    id: int
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    slots: asyncio.Semaphore
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    broken: bool = False  # the peer is gone or the conversation ended: write nothing more
-    transport: str = "unix"
-    authenticated: bool = True
-    peer: str = ""
+class _Connection(asyncio.Protocol):
+    """One client connection: bytes in through its own Decoder, replies out as they finish.
 
-    async def send(self, payload: bytes) -> None:
+    A Protocol, not a stream reader task: a request is decoded and started in the callback that
+    received its bytes, and its reply is written from the callback that completes it, so a
+    request costs no task switches of its own (the embed batcher adds none either).
+
+    Limits: at most ``max_in_flight`` requests run at once (reading pauses beyond that); before
+    TCP auth, one request at a time and messages of at most PREAUTH_MAX_BYTES; a reply the peer
+    does not read pauses reading too, so a slow reader cannot make us buffer without bound.
+    """
+
+    def __init__(self, server: Server, transport_kind: str, authenticated: bool) -> None:
+        self.server = server
+        self.id = next(server._ids)
+        self.transport_kind = transport_kind
+        self.authenticated = authenticated
+        self.peer = ""
+        self.transport: asyncio.Transport | None = None
+        self.decoder = Decoder(server.limits)
+        self.backlog: deque[Any] = deque()  # decoded messages not started yet
+        self.in_flight: dict[asyncio.Future[Any], Request] = {}
+        self.broken = False  # the peer is gone or the conversation ended: write nothing more
+        self.admitted = False
+        self.eof = False
+        self.first = transport_kind == "tcp"
+        self.read_paused = False
+        self.write_paused = False
+        self.auth_timer: asyncio.TimerHandle | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+    # -- asyncio callbacks ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        if self.transport_kind == "tcp":
+            peer = transport.get_extra_info("peername")
+            self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        refusal = self.server._admit(self)
+        if refusal is not None:
+            self.broken = True
+            with contextlib.suppress(Exception):
+                transport.write(
+                    encode_notification(ERROR_NOTIFICATION, {"error": error_to_wire(refusal)})
+                )
+            transport.close()
+            return
+        self.admitted = True
+        if not self.authenticated:
+            loop = asyncio.get_running_loop()
+            self.auth_timer = loop.call_later(self.server.auth_timeout, self._auth_timed_out)
+
+    def data_received(self, data: bytes) -> None:
         if self.broken:
             return
+        if self.first and data:
+            self.first = False
+            if data.startswith(_HTTP_METHODS):
+                # An HTTP client (a browser, curl, a scanner) found this port: tell it in its
+                # own language instead of a msgpack error it cannot show.
+                self.server.http_rejected += 1
+                log.warning("%s", kv(event="http_rejected", conn=self.id, peer=self.peer))
+                self._write(_HTTP_REPLY)
+                self._end()
+                return
         try:
-            async with self.write_lock:
-                self.writer.write(payload)
-                await self.writer.drain()
-        except (ConnectionError, OSError, RuntimeError):
-            # The peer left; its other replies have nowhere to go either.
+            self._feed(data)
+        except ProtocolError as exc:
+            self._fatal(exc)
+            return
+        self._pump()
+
+    def eof_received(self) -> bool:
+        if self.decoder.pending_bytes:
+            self.server.protocol_errors += 1
+            log.warning(
+                "%s", kv(event="truncated_frame", conn=self.id, bytes=self.decoder.pending_bytes)
+            )
+        self.eof = True
+        # A client may half-close after its requests: their replies are still owed, so keep
+        # the transport open for writing until they are sent.
+        self._close_if_done()
+        return not self.broken and self.transport is not None and not self.transport.is_closing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.broken = True
+        if self.auth_timer is not None:
+            self.auth_timer.cancel()
+        for future, request in list(self.in_flight.items()):
+            # A queued embed whose caller left costs engine time for nobody: drop it. Other
+            # work (an index write) runs to completion; only its reply has nowhere to go.
+            if request.method == "embed":
+                future.cancel()
+        if self.admitted:
+            self.server._connections.discard(self)
+            log.debug(
+                "%s", kv(event="disconnected", conn=self.id, open=len(self.server._connections))
+            )
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._update_reading()
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def _limit(self) -> int:
+        return self.server.limits.max_message_bytes if self.authenticated else PREAUTH_MAX_BYTES
+
+    def _feed(self, data: bytes) -> None:
+        """Decode ``data`` into the backlog (the decoder enforces the current message limit)."""
+        for message in self.decoder.feed_iter(data, self._limit):
+            self.backlog.append(message)
+            if not self.authenticated:
+                # Before auth, requests run as they are decoded: an `auth` earlier in this
+                # chunk lifts the small pre-auth limit for the bytes after it.
+                self._pump()
+                if self.broken:
+                    return
+
+    def _pump(self) -> None:
+        """Start backlogged requests while there is room, then pause or resume reading."""
+        while self.backlog and not self.broken:
+            if self.authenticated:
+                if len(self.in_flight) >= self.server.max_in_flight:
+                    break
+            elif self.in_flight:
+                # One at a time before auth: a request pipelined after `auth` must see its
+                # outcome, and a stranger gets no concurrency.
+                break
+            try:
+                self._dispatch(self.backlog.popleft())
+            except ProtocolError as exc:
+                self._fatal(exc)
+                return
+        self._update_reading()
+        self._close_if_done()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self.broken or transport.is_closing():
+            return
+        full = bool(self.backlog) or len(self.in_flight) >= self.server.max_in_flight
+        want_paused = full or self.write_paused
+        if want_paused and not self.read_paused:
+            transport.pause_reading()
+            self.read_paused = True
+        elif not want_paused and self.read_paused and not self.eof:
+            transport.resume_reading()
+            self.read_paused = False
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def _dispatch(self, obj: Any) -> None:
+        try:
+            message = parse_message(obj)
+        except BadRequest as exc:
+            msgid = exc.data.get("msgid")
+            if msgid is None:
+                raise  # nothing to answer to: fatal for this connection
+            self._write(encode_response(msgid, error_to_wire(exc), None))
+            return
+        if isinstance(message, Request):
+            self._start(message)
+        elif isinstance(message, Notification):
+            log.debug("%s", kv(event="notification_ignored", conn=self.id, method=message.method))
+        else:
+            log.debug("%s", kv(event="response_ignored", conn=self.id, msgid=message.msgid))
+
+    def _start(self, request: Request) -> None:
+        server = self.server
+        started = time.perf_counter()
+        try:
+            if server._closing:
+                raise ShuttingDown("the daemon is shutting down")
+            if request.method == "auth":
+                self._reply(request, started, server._auth(self, request.params))
+                return
+            if not self.authenticated and request.method not in PREAUTH_METHODS:
+                raise AuthRequired(
+                    f"{request.method[:80]} needs authentication: call auth with the token first"
+                )
+            future = server.service.submit(request.method, request.params)
+        except AuthFailed as exc:
+            # Wrong token: answer, then hang up, so every guess costs a new connection.
+            self._write(encode_response(request.msgid, error_to_wire(exc), None))
+            self._end()
+            return
+        except EdgeAgentError as exc:
+            self._write(encode_response(request.msgid, error_to_wire(exc), None))
+            return
+        except Exception:
+            log.exception("%s", kv(event="internal_error", method=request.method[:80]))
+            error = error_to_wire(EdgeAgentError("internal error"))
+            self._write(encode_response(request.msgid, error, None))
+            return
+        if future.done():
+            self._finish(request, started, future)
+            return
+        self.in_flight[future] = request
+        future.add_done_callback(functools.partial(self._completed, request, started))
+
+    def _completed(self, request: Request, started: float, future: asyncio.Future[Any]) -> None:
+        self.in_flight.pop(future, None)
+        self._finish(request, started, future)
+        self._pump()
+
+    def _finish(self, request: Request, started: float, future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            if self.server._closing and not self.broken:
+                # Shutdown ran out of grace: say so while the connection is still usable.
+                error = error_to_wire(ShuttingDown("the daemon is shutting down"))
+                self._write(encode_response(request.msgid, error, None))
+            return
+        exc = future.exception()
+        if exc is None:
+            self._reply(request, started, future.result())
+            return
+        if isinstance(exc, EdgeAgentError):
+            payload = encode_response(request.msgid, error_to_wire(exc), None)
+        else:
+            log.error(
+                "%s", kv(event="internal_error", method=request.method[:80]), exc_info=exc
+            )
+            error = error_to_wire(EdgeAgentError(f"internal error: {type(exc).__name__}"))
+            payload = encode_response(request.msgid, error, None)
+        self._write(payload)
+
+    def _reply(self, request: Request, started: float, result: Any) -> None:
+        server = self.server
+        if request.method == "hello" and isinstance(result, dict) and server.tcp is not None:
+            result = {
+                **result,
+                "capabilities": sorted({*result.get("capabilities", ()), "auth"}),
+                "auth": {
+                    "required": self.transport_kind == "tcp" and server.auth_token is not None,
+                    "authenticated": self.authenticated,
+                },
+            }
+        try:
+            payload = encode_response(request.msgid, None, result)
+        except Exception:
+            log.exception("%s", kv(event="internal_error", method=request.method[:80]))
+            error = error_to_wire(EdgeAgentError("internal error: unencodable result"))
+            payload = encode_response(request.msgid, error, None)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s",
+                kv(
+                    event="request",
+                    conn=self.id,
+                    msgid=request.msgid,
+                    method=request.method[:80],
+                    ms=(time.perf_counter() - started) * 1000,
+                ),
+            )
+        self._write(payload)
+
+    # -- writing and ending ---------------------------------------------------------------------
+
+    def _write(self, payload: bytes) -> None:
+        if self.broken or self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(payload)
+
+    def _fatal(self, exc: ProtocolError) -> None:
+        """A frame we cannot decode (or a limit broken): say why, then end the conversation."""
+        self.server.protocol_errors += 1
+        log.warning(
+            "%s", kv(event="protocol_error", conn=self.id, code=exc.code.name, error=exc)
+        )
+        self._write(encode_notification(ERROR_NOTIFICATION, {"error": error_to_wire(exc)}))
+        # Replies still being computed would follow an error that ended the conversation.
+        for future in list(self.in_flight):
+            future.cancel()
+        self._end()
+
+    def _auth_timed_out(self) -> None:
+        self.auth_timer = None
+        if self.authenticated or self.broken:
+            return
+        self._fatal(
+            AuthRequired(
+                f"not authenticated within {self.server.auth_timeout:g} s; closing",
+                timeout_s=self.server.auth_timeout,
+            )
+        )
+
+    def _end(self) -> None:
+        """Write nothing more; close once what is already written is flushed."""
+        self.broken = True
+        self.backlog.clear()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _close_if_done(self) -> None:
+        if self.eof and not self.backlog and not self.in_flight and self.transport is not None:
             self.broken = True
+            self.transport.close()
 
 
 class Server:
@@ -250,12 +529,14 @@ class Server:
         }
 
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
         sock = _bind(self.socket_path)
         st = os.stat(self.socket_path)
         self._socket_id = (st.st_dev, st.st_ino)
         try:
-            self._server = await asyncio.start_unix_server(
-                self._on_unix, sock=sock, limit=READ_CHUNK
+            # The socket's mode (0600) already limits who can connect: no auth step.
+            self._server = await loop.create_unix_server(
+                lambda: _Connection(self, "unix", authenticated=True), sock=sock
             )
         except BaseException:
             sock.close()
@@ -266,8 +547,11 @@ class Server:
             return
         host, port = self.tcp
         try:
-            self._tcp_server = await asyncio.start_server(
-                self._on_tcp, host, port, limit=READ_CHUNK, reuse_address=True
+            self._tcp_server = await loop.create_server(
+                lambda: _Connection(self, "tcp", authenticated=self.auth_token is None),
+                host,
+                port,
+                reuse_address=True,
             )
         except OSError as exc:
             self._server.close()
@@ -302,20 +586,19 @@ class Server:
             if listener is not None:
                 listener.close()
         self._remove_socket()
-        pending = {task for conn in self._connections for task in conn.tasks}
+        pending = {future for conn in self._connections for future in conn.in_flight}
         if pending:
             log.info("%s", kv(event="draining", requests=len(pending), grace_s=grace))
             _, late = await asyncio.wait(pending, timeout=grace)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+            for future in late:
+                future.cancel()  # the connection answers SHUTTING_DOWN for it
+            if late:
+                await asyncio.wait(late, timeout=2.0)
         for conn in list(self._connections):
-            conn.writer.close()
-        waiting = [asyncio.create_task(conn.done.wait()) for conn in self._connections]
+            conn._end()
+        waiting = [conn.closed for conn in self._connections if not conn.closed.done()]
         if waiting:
-            _, late = await asyncio.wait(waiting, timeout=2.0)
-            for task in late:
-                task.cancel()
+            await asyncio.wait(waiting, timeout=2.0)
         for listener in (self._server, self._tcp_server):
             if listener is not None:
                 with contextlib.suppress(Exception):
@@ -324,225 +607,50 @@ class Server:
 
     # -- connections --------------------------------------------------------------------------
 
-    async def _on_unix(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # The socket's mode (0600) already limits who can connect: no auth step.
-        await self._on_connection(reader, writer, "unix", authenticated=True)
-
-    async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._on_connection(reader, writer, "tcp", authenticated=self.auth_token is None)
-
-    async def _on_connection(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        transport: str,
-        *,
-        authenticated: bool,
-    ) -> None:
-        conn_id = next(self._ids)
+    def _admit(self, conn: _Connection) -> ProtocolError | None:
+        """None if ``conn`` may stay (and is now counted), else why it is refused."""
         preauth = sum(not c.authenticated for c in self._connections)
-        exc: ProtocolError | None = None
+        refusal: ProtocolError | None = None
         if self._closing:
-            exc = ShuttingDown("the daemon is shutting down")
+            refusal = ShuttingDown("the daemon is shutting down")
         elif len(self._connections) >= self.max_connections:
-            exc = Overloaded(
+            refusal = Overloaded(
                 f"{self.max_connections} connections are open; retry later",
                 limit=self.max_connections,
             )
-        elif not authenticated and preauth >= self.max_preauth_connections:
-            exc = Overloaded(
+        elif not conn.authenticated and preauth >= self.max_preauth_connections:
+            refusal = Overloaded(
                 f"{preauth} connections are waiting to authenticate; retry later",
                 limit=self.max_preauth_connections,
             )
-        if exc is not None:
+        if refusal is not None:
             self.rejected += 1
-            log.warning("%s", kv(event="connection_rejected", conn=conn_id, code=exc.code.name))
-            with contextlib.suppress(ConnectionError, OSError):
-                writer.write(encode_notification(ERROR_NOTIFICATION, {"error": error_to_wire(exc)}))
-                await asyncio.wait_for(writer.drain(), timeout=1.0)
-            writer.close()
-            return
+            log.warning("%s", kv(event="connection_rejected", conn=conn.id, code=refusal.code.name))
+            return refusal
         self.accepted += 1
-        conn = _Connection(conn_id, reader, writer, asyncio.Semaphore(self.max_in_flight))
-        conn.transport = transport
-        conn.authenticated = authenticated
-        if transport == "tcp":
-            peer = writer.get_extra_info("peername")
-            conn.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self._connections.add(conn)
         log.debug(
             "%s",
             kv(
                 event="connected",
-                conn=conn_id,
-                transport=transport,
+                conn=conn.id,
+                transport=conn.transport_kind,
                 peer=conn.peer or "-",
                 open=len(self._connections),
             ),
         )
-        try:
-            await self._serve(conn)
-        finally:
-            self._connections.discard(conn)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), timeout=1.0)
-            conn.done.set()
-            log.debug("%s", kv(event="disconnected", conn=conn_id, open=len(self._connections)))
+        return None
 
-    async def _read(self, conn: _Connection, decoder: Decoder, deadline: float) -> bytes:
-        """The next bytes, never more than the current message may still grow by."""
-        limit = self.limits.max_message_bytes if conn.authenticated else PREAUTH_MAX_BYTES
-        room = limit - decoder.pending_bytes
-        if room <= 0:
-            raise MessageTooLarge(f"message over {limit} bytes", limit=limit)
-        if conn.authenticated:
-            return await conn.reader.read(min(READ_CHUNK, room))
-        remaining = deadline - time.monotonic()
-        try:
-            if remaining <= 0:
-                raise TimeoutError
-            return await asyncio.wait_for(conn.reader.read(min(READ_CHUNK, room)), remaining)
-        except TimeoutError:
-            raise AuthRequired(
-                f"not authenticated within {self.auth_timeout:g} s; closing",
-                timeout_s=self.auth_timeout,
-            ) from None
-
-    async def _serve(self, conn: _Connection) -> None:
-        decoder = Decoder(self.limits)
-        fatal: ProtocolError | None = None
-        deadline = time.monotonic() + self.auth_timeout
-        first = conn.transport == "tcp"
-        try:
-            while not conn.broken:
-                data = await self._read(conn, decoder, deadline)
-                if first and data:
-                    first = False
-                    if data.startswith(_HTTP_METHODS):
-                        # An HTTP client (a browser, curl, a scanner) found this port: tell it
-                        # in its own language instead of a msgpack error it cannot show.
-                        self.http_rejected += 1
-                        log.warning("%s", kv(event="http_rejected", conn=conn.id, peer=conn.peer))
-                        await conn.send(_HTTP_REPLY)
-                        conn.broken = True
-                        break
-                if not data:
-                    if decoder.pending_bytes:
-                        self.protocol_errors += 1
-                        log.warning(
-                            "%s",
-                            kv(event="truncated_frame", conn=conn.id, bytes=decoder.pending_bytes),
-                        )
-                    break
-                decoder.feed(data)
-                for obj in decoder:
-                    await self._dispatch(conn, obj)
-        except ProtocolError as exc:
-            fatal = exc
-        except (ConnectionError, OSError):
-            conn.broken = True
-        if fatal is not None:
-            self.protocol_errors += 1
-            log.warning(
-                "%s", kv(event="protocol_error", conn=conn.id, code=fatal.code.name, error=fatal)
-            )
-            notice = encode_notification(ERROR_NOTIFICATION, {"error": error_to_wire(fatal)})
-            await conn.send(notice)
-            # Replies still being computed would follow an error that ended the conversation.
-            conn.broken = True
-            for task in conn.tasks:
-                task.cancel()
-        if conn.tasks:
-            # EOF after requests (a client may half-close): their replies are still owed.
-            await asyncio.gather(*conn.tasks, return_exceptions=True)
-
-    async def _dispatch(self, conn: _Connection, obj: Any) -> None:
-        try:
-            message = parse_message(obj)
-        except BadRequest as exc:
-            msgid = exc.data.get("msgid")
-            if msgid is None:
-                raise  # nothing to answer to: fatal for this connection
-            await conn.send(encode_response(msgid, error_to_wire(exc), None))
-            return
-        if isinstance(message, Request):
-            if not conn.authenticated:
-                # One at a time before auth: a request pipelined after `auth` must see its
-                # outcome, and a stranger gets no concurrency.
-                await self._handle(conn, message)
-                return
-            # Backpressure: with max_in_flight requests running we stop reading this socket.
-            await conn.slots.acquire()
-            task = asyncio.create_task(self._handle(conn, message))
-            conn.tasks.add(task)
-            task.add_done_callback(lambda t: (conn.tasks.discard(t), conn.slots.release()))
-        elif isinstance(message, Notification):
-            log.debug("%s", kv(event="notification_ignored", conn=conn.id, method=message.method))
-        else:
-            log.debug("%s", kv(event="response_ignored", conn=conn.id, msgid=message.msgid))
-
-    async def _handle(self, conn: _Connection, request: Request) -> None:
-        started = time.perf_counter()
-        try:
-            if self._closing:
-                raise ShuttingDown("the daemon is shutting down")
-            if request.method == "auth":
-                result = await self._auth(conn, request.params)
-            elif not conn.authenticated and request.method not in PREAUTH_METHODS:
-                raise AuthRequired(
-                    f"{request.method[:80]} needs authentication: call auth with the token first"
-                )
-            else:
-                result = await self.service.call(request.method, request.params)
-            if request.method == "hello" and isinstance(result, dict) and self.tcp is not None:
-                result = {
-                    **result,
-                    "capabilities": sorted({*result.get("capabilities", ()), "auth"}),
-                    "auth": {
-                        "required": conn.transport == "tcp" and self.auth_token is not None,
-                        "authenticated": conn.authenticated,
-                    },
-                }
-            payload = encode_response(request.msgid, None, result)
-        except AuthFailed as exc:
-            # Wrong token: answer, then hang up, so every guess costs a new connection.
-            await conn.send(encode_response(request.msgid, error_to_wire(exc), None))
-            conn.broken = True
-            conn.writer.close()
-            return
-        except EdgeAgentError as exc:
-            payload = encode_response(request.msgid, error_to_wire(exc), None)
-        except asyncio.CancelledError:
-            # Shutdown ran out of grace: say so if the connection is still usable.
-            if self._closing and not conn.broken:
-                with contextlib.suppress(Exception):
-                    error = error_to_wire(ShuttingDown("the daemon is shutting down"))
-                    conn.writer.write(encode_response(request.msgid, error, None))
-            raise
-        except Exception as exc:
-            log.exception("%s", kv(event="internal_error", method=request.method[:80]))
-            error = error_to_wire(EdgeAgentError(f"internal error: {type(exc).__name__}"))
-            payload = encode_response(request.msgid, error, None)
-        log.debug(
-            "%s",
-            kv(
-                event="request",
-                conn=conn.id,
-                msgid=request.msgid,
-                method=request.method[:80],
-                ms=(time.perf_counter() - started) * 1000,
-            ),
-        )
-        await conn.send(payload)
-
-    async def _auth(self, conn: _Connection, params: Any) -> dict[str, Any]:
+    def _auth(self, conn: _Connection, params: Any) -> dict[str, Any]:
         args = AuthArgs.from_args(named_args(params))
-        if conn.transport == "unix" or self.auth_token is None:
+        if conn.transport_kind == "unix" or self.auth_token is None:
             return {"authenticated": True, "required": False}
         # Constant-time: the comparison must not reveal how many leading bytes were right.
         if hmac.compare_digest(args.token.encode("utf-8"), self.auth_token.encode("utf-8")):
             conn.authenticated = True
+            if conn.auth_timer is not None:
+                conn.auth_timer.cancel()
+                conn.auth_timer = None
             log.info("%s", kv(event="authenticated", conn=conn.id, peer=conn.peer))
             return {"authenticated": True, "required": True}
         self.auth_failures += 1

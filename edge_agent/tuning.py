@@ -12,9 +12,9 @@ crashes llama.cpp kills only the worker; it is recorded as bad and the others go
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import os
 import queue
 import signal
 import subprocess
@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .children import child_environment
 from .errors import InvalidArgument
 from .hardware.host import HostInfo, probe_host
 from .models.manifest import ModelFile, write_json_atomic
@@ -111,8 +112,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def engine_build() -> str:
-    """Identifies the engine for records: the bindings' version and what the build enables."""
+def _engine_build_here() -> str:
     import llama_cpp  # deferred: importing it loads the engine library
 
     info = llama_cpp.llama_print_system_info()
@@ -120,17 +120,26 @@ def engine_build() -> str:
     return f"llama-cpp-python {llama_cpp.__version__}; {' '.join(text.split())}"
 
 
-def child_environment() -> dict[str, str]:
-    """The environment for engine child processes: this package importable, and no gdb.
+@functools.cache
+def engine_build() -> str:
+    """Identifies the engine for records: the bindings' version and what the build enables.
 
-    ggml prints a backtrace on abort by attaching gdb when it is installed, which takes
-    seconds and floods stderr; GGML_NO_BACKTRACE turns that off.
-    """
-    env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    env["GGML_NO_BACKTRACE"] = "1"
-    return env
+    Asked of a short-lived child unless llama.cpp is loaded here already: the daemon runs the
+    engine in a child process, and loading the library only to name it would cost the
+    daemon's own process ~15 MB for as long as it runs."""
+    if "llama_cpp" in sys.modules:
+        return _engine_build_here()
+    code = "from edge_agent.tuning import _engine_build_here; print(_engine_build_here())"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_environment(),
+    )
+    if result.returncode != 0:
+        return _engine_build_here()  # the child could not say: pay for loading it here
+    return result.stdout.strip().splitlines()[-1]
 
 
 # -- persistent records -------------------------------------------------------------------------

@@ -6,13 +6,23 @@ surface as ``Embedder`` but forwards each call over a pipe to a spawned child th
 real Embedder. If the child dies, the call in flight fails with ``EngineError`` (naming the
 signal), the parent stays up, and the next call starts a fresh child. Typed errors raised in the
 child (bad input, text too long, ...) arrive in the parent as the same classes.
+
+Two ways in: ``embed`` blocks its thread; ``submit`` (the daemon's) writes the request from the
+event loop and returns a future that a reader callback on the pipe settles, so a request costs
+no thread hand-off on the parent's side. Messages are pickled tuples of plain values (vectors
+as float32 bytes): on a short text the hop, not the model, is what they would otherwise cost.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-import multiprocessing
+import pickle
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +30,9 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from .children import child_environment
 from .embedder import Embedder, EmbedderConfig, Embeddings, ModelHandle
 from .errors import EdgeAgentError, EngineError, InvalidArgument, error_for_code
 from .models.manifest import ModelManifest
@@ -29,7 +42,6 @@ __all__ = ["ProcessEmbedder"]
 
 log = logging.getLogger("edge_agent.worker")
 
-_SPAWN = multiprocessing.get_context("spawn")  # fork would copy the parent's threads and locks
 
 
 @dataclass(frozen=True)
@@ -38,30 +50,103 @@ class _Ready:
     threads: int
 
 
-def _child_main(conn: Connection, resolved: ResolvedModel, config: EmbedderConfig) -> None:
-    """The child: open the embedder, then answer (args, kwargs) requests until the pipe closes."""
+def _put(conn: Connection, message: Any) -> None:
+    # Plain pickle over send_bytes: Connection.send() builds a ForkingPickler (a copy of the
+    # copyreg dispatch table) per message, which costs more than the message on short texts.
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _get(conn: Connection) -> Any:
+    return pickle.loads(conn.recv_bytes())
+
+
+def _pack_embeddings(result: Embeddings) -> tuple[Any, ...]:
+    """Embeddings as plain values: pickling a numpy array through a pipe costs ~100 µs per
+    reply (more than the rest of the hop), raw bytes cost ~1 µs."""
+    vectors = np.ascontiguousarray(result.vectors, dtype=np.float32)
+    return (
+        vectors.tobytes(),
+        vectors.shape,
+        result.token_counts,
+        result.truncated,
+        result.chunks,
+        result.model,
+        result.quant,
+    )
+
+
+def _unpack_embeddings(packed: tuple[Any, ...]) -> Embeddings:
+    data, shape, token_counts, truncated, chunks, model, quant = packed
+    vectors = np.frombuffer(bytearray(data), dtype=np.float32).reshape(shape)
+    return Embeddings(vectors, token_counts, truncated, chunks, model, quant)
+
+
+def _child_main(conn: Connection) -> None:
+    """The child: take (model, config), open the embedder, then answer (args, kwargs)
+    requests until the socket closes (the parent stopped us, or died)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    try:
+        resolved, config = _get(conn)
+    except (EOFError, OSError):
+        return
     try:
         # This thread does nothing else: llama.cpp runs on it directly (no handoff per call).
         embedder = Embedder(resolved, config, on_caller_thread=True)
     except EdgeAgentError as exc:
-        conn.send(("error", int(exc.code), exc.message, exc.data))
+        _put(conn, ("error", int(exc.code), exc.message, exc.data))
         return
-    conn.send(("ready", _Ready(max_tokens=embedder.max_tokens, threads=embedder.threads)))
+    _put(conn, ("ready", _Ready(max_tokens=embedder.max_tokens, threads=embedder.threads)))
     with embedder:
         while True:
             try:
-                request = conn.recv()
+                request = _get(conn)
             except (EOFError, OSError):
                 return
             if request is None:
                 return
             args, kwargs = request
             try:
-                reply: tuple[Any, ...] = ("ok", embedder.embed(*args, **kwargs))
+                reply: tuple[Any, ...] = ("ok", *_pack_embeddings(embedder.embed(*args, **kwargs)))
             except EdgeAgentError as exc:
                 reply = ("error", int(exc.code), exc.message, exc.data)
-            conn.send(reply)
+            _put(conn, reply)
+
+
+def child_entry(fd: int) -> None:
+    """``python -c 'from edge_agent.worker import child_entry; child_entry(FD)'``: the child's
+    whole program, on the socket the parent passed as ``fd``."""
+    _child_main(Connection(fd))
+
+
+class _Child:
+    """The engine child process: a plain subprocess (multiprocessing's spawn would also start
+    its resource-tracker process, ~13 MB for nothing here)."""
+
+    def __init__(self, fd: int) -> None:
+        command = [
+            sys.executable,
+            "-c",
+            f"from edge_agent.worker import child_entry; child_entry({fd})",
+        ]
+        self._popen = subprocess.Popen(
+            command, pass_fds=(fd,), stdin=subprocess.DEVNULL, env=child_environment()
+        )
+        self.pid = self._popen.pid
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._popen.wait(timeout)
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._popen.poll()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self._popen.kill()
 
 
 class ProcessEmbedder(ModelHandle):
@@ -95,16 +180,16 @@ class ProcessEmbedder(ModelHandle):
         return self._process.pid if self._process is not None else None
 
     def _start(self) -> _Ready:
-        parent, child = _SPAWN.Pipe()
-        process = _SPAWN.Process(
-            target=_child_main,
-            args=(child, self._resolved, self.config),
-            name="edge-agent-embedder",
-            daemon=True,
-        )
-        process.start()
-        child.close()
-        self._process, self._conn = process, parent
+        ours, theirs = socket.socketpair()
+        try:
+            process = _Child(theirs.fileno())
+        finally:
+            theirs.close()
+        self._process, self._conn = process, Connection(ours.detach())
+        try:
+            _put(self._conn, (self._resolved, self.config))
+        except OSError:
+            pass  # it died at once: _receive says how
         reply = self._receive(self._start_timeout, "starting")
         if reply[0] == "error":
             self._reap()
@@ -133,7 +218,7 @@ class ProcessEmbedder(ModelHandle):
             while conn is not None:
                 # Poll in slices so a dead child is noticed even if the pipe stays open.
                 if conn.poll(min(1.0, max(0.0, deadline - time.monotonic()))):
-                    return conn.recv()
+                    return _get(conn)
                 if not self._process.is_alive() or time.monotonic() >= deadline:
                     break
         except (EOFError, OSError):
@@ -160,27 +245,155 @@ class ProcessEmbedder(ModelHandle):
                 self._process.join(timeout=5)
         self._process, self._conn = None, None
 
+    def _ensure_running(self) -> None:
+        if self._closed:
+            raise EngineError("embedder is closed")
+        if self._process is None or not self._process.is_alive():
+            if self._process is not None:
+                log.warning("embedding engine process %s; restarting", self._describe_exit())
+                self._reap()
+            self.restarts += 1
+            self._start()
+
+    def _send(self, request: tuple[Any, ...]) -> None:
+        try:
+            _put(self._conn, request)
+        except (OSError, ValueError) as exc:
+            self._reap()
+            raise EngineError(f"the embedding engine process is gone ({exc})") from exc
+        except Exception as exc:  # unpicklable arguments: nothing reached the child
+            raise InvalidArgument(f"arguments cannot be sent to the engine: {exc}") from exc
+
+    @staticmethod
+    def _result(reply: tuple[Any, ...]) -> Embeddings:
+        if reply[0] == "ok":
+            return _unpack_embeddings(reply[1:])
+        raise error_for_code(reply[1])(reply[2], **reply[3])
+
     def embed(self, *args: Any, **kwargs: Any) -> Embeddings:
         with self._lock:
-            if self._closed:
-                raise EngineError("embedder is closed")
-            if self._process is None or not self._process.is_alive():
-                if self._process is not None:
-                    log.warning("embedding engine process %s; restarting", self._describe_exit())
-                    self._reap()
-                self.restarts += 1
-                self._start()
-            try:
-                self._conn.send((args, kwargs))
-            except (OSError, ValueError) as exc:
-                self._reap()
-                raise EngineError(f"the embedding engine process is gone ({exc})") from exc
-            except Exception as exc:  # unpicklable arguments: nothing reached the child
-                raise InvalidArgument(f"arguments cannot be sent to the engine: {exc}") from exc
+            self._ensure_running()
+            self._send((args, kwargs))
             reply = self._receive(self._call_timeout, "embedding")
-        if reply[0] == "ok":
-            return reply[1]
-        raise error_for_code(reply[1])(reply[2], **reply[3])
+        return self._result(reply)
+
+    def submit(self, *args: Any, **kwargs: Any) -> asyncio.Future[Embeddings]:
+        """``embed`` for an event loop, without a thread in between: the request is written to
+        the pipe now and the reply is read by a callback when the pipe's descriptor becomes
+        readable. One request at a time (the caller, the service's batcher, waits for each).
+        Starting or restarting the child, and naming a crash, happen off the loop."""
+        loop = asyncio.get_running_loop()
+        if self._closed:
+            raise EngineError("embedder is closed")
+        if self._process is None or not self._lock.acquire(blocking=False):
+            # Rare: a (re)start, or a thread inside embed(). Neither may block the loop.
+            return asyncio.ensure_future(self._submit_when_ready(args, kwargs))
+        try:
+            self._send((args, kwargs))
+        except EngineError:
+            # The child died while idle (its end of the pipe is gone; _send reaped it): start
+            # a fresh one, as embed() would, rather than fail a request it never received.
+            self._lock.release()
+            log.warning("embedding engine process died while idle; restarting")
+            return asyncio.ensure_future(self._submit_when_ready(args, kwargs))
+        except BaseException:
+            self._lock.release()
+            raise
+        return self._await_reply(loop)
+
+    async def _submit_when_ready(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Embeddings:
+        loop = asyncio.get_running_loop()
+        while not self._lock.acquire(blocking=False):
+            await asyncio.sleep(0.001)
+        try:
+            await loop.run_in_executor(None, self._ensure_running)
+            self._send((args, kwargs))
+        except BaseException:
+            self._lock.release()
+            raise
+        return await self._await_reply(loop)
+
+    def _await_reply(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Embeddings]:
+        """The reply to the request just sent; releases the lock when it is settled."""
+        conn = self._conn
+        assert conn is not None
+        fd = conn.fileno()
+        future: asyncio.Future[Embeddings] = loop.create_future()
+        timed_out = False
+        settled = False
+
+        def settle(release: bool = True) -> None:
+            nonlocal settled
+            if not settled:
+                settled = True
+                loop.remove_reader(fd)
+                timer.cancel()
+                if release:
+                    self._lock.release()
+
+        def reap_then_release() -> None:
+            try:
+                self._reap()
+            finally:
+                self._lock.release()
+
+        def report(failure: asyncio.Future[EngineError]) -> None:
+            if not future.done():
+                future.set_exception(failure.exception() or failure.result())
+
+        def on_readable() -> None:
+            # A reply, or EOF because the child died: recv() tells which. The child writes
+            # each reply whole, so this read does not wait on it.
+            try:
+                reply = _get(conn)
+            except (EOFError, OSError):
+                settle(release=False)  # held until the dead child is reaped
+                loop.run_in_executor(None, self._failure, timed_out).add_done_callback(report)
+                return
+            settle()
+            if future.done():
+                return
+            try:
+                future.set_result(self._result(reply))
+            except EdgeAgentError as exc:
+                future.set_exception(exc)
+
+        def on_timeout() -> None:
+            nonlocal timed_out
+            timed_out = True
+            self._process.kill()  # EOF follows: on_readable reports it
+
+        def on_cancelled(done: asyncio.Future[Embeddings]) -> None:
+            if done.cancelled() and not settled:
+                # The caller gave up with the request in the child: its late reply would be
+                # read as the next call's. Stop that child; the next call starts a fresh one.
+                settle(release=False)
+                self._process.kill()
+                loop.run_in_executor(None, reap_then_release)
+
+        loop.add_reader(fd, on_readable)
+        timer = loop.call_later(self._call_timeout, on_timeout)
+        future.add_done_callback(on_cancelled)
+        return future
+
+    def _failure(self, timed_out: bool) -> EngineError:
+        """The error for a child that stopped answering: names why, reaps it (blocking while
+        the dead child is joined, so called off the loop)."""
+        try:
+            how = (
+                f"no answer in {self._call_timeout:.0f}s" if timed_out else self._describe_exit()
+            )
+            self._reap()
+        finally:
+            self._lock.release()
+        return EngineError(
+            f"the embedding engine process failed while embedding ({how});"
+            " it will be restarted on the next call",
+            model=self.manifest.name,
+            quant=self.quant,
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -189,7 +402,7 @@ class ProcessEmbedder(ModelHandle):
             self._closed = True
             if self._conn is not None:
                 try:
-                    self._conn.send(None)
+                    _put(self._conn, None)
                 except (OSError, ValueError):
                     pass
             self._reap()

@@ -104,7 +104,7 @@ def _engine_plan() -> list[tuple[str, str, dict[str, str]]]:
 
     return [
         (*build_engine.LLAMA, {"CMAKE_ARGS": build_engine.llama_cmake_flags(portable=True)}),
-        (*build_engine.HNSWLIB, build_engine.hnswlib_env()),
+        (*build_engine.HNSWLIB, build_engine.hnswlib_env(portable=True)),
     ]
 
 

@@ -310,6 +310,39 @@ def test_readers_and_a_writer_run_concurrently(tmp_path: Path, rng: np.random.Ge
         assert coll.count() == 2000 - 5
 
 
+def test_search_without_waiting_never_blocks_on_a_write(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    """What the daemon's event loop uses: the same hits when the index is free, None at once
+    (never a wait) while a write holds the index or waits for it."""
+    vectors = unit(rng, 300)
+    with make(tmp_path, exact_search_max=0, fsync="off") as coll:
+        coll.upsert(FP, [f"d{i}" for i in range(300)], vectors)
+        query = vectors[7]
+        free = coll.search(FP, query, k=5, wait=False)
+        assert free is not None and free == coll.search(FP, query, k=5)
+        assert free[0].id == "d7"
+        assert coll.search(FP, query, k=5, ef=200, wait=False) is None  # ef needs the index alone
+        holding, release = threading.Event(), threading.Event()
+
+        def writer() -> None:
+            with coll._rw.write():
+                holding.set()
+                release.wait(10)
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            assert holding.wait(10)
+            started = time.monotonic()
+            assert coll.search(FP, query, k=5, wait=False) is None
+            assert time.monotonic() - started < 0.5
+        finally:
+            release.set()
+            thread.join(10)
+        assert coll.search(FP, query, k=5, wait=False) == free
+
+
 def test_batch_fsync_policy_syncs_within_the_window(
     tmp_path: Path, rng: np.random.Generator
 ) -> None:

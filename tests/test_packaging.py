@@ -346,7 +346,7 @@ def test_build_script_installs_and_verifies_a_clean_virtualenv(
         build_engine.wheel_dir_for(
             *build_engine.LLAMA, {"CMAKE_ARGS": build_engine.llama_cmake_flags(False)}
         ),
-        build_engine.wheel_dir_for(*build_engine.HNSWLIB, build_engine.hnswlib_env()),
+        build_engine.wheel_dir_for(*build_engine.HNSWLIB, build_engine.hnswlib_env(False)),
     ]
     for directory in engine_dirs:
         assert any(directory.glob("*.whl")), (

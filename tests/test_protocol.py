@@ -126,6 +126,32 @@ def test_message_at_the_limit_passes_and_one_byte_more_fails() -> None:
     assert info.value.code == ProtocolCode.MESSAGE_TOO_LARGE
 
 
+def test_feed_iter_takes_a_read_of_any_size_message_by_message() -> None:
+    """What a transport does with whatever one read returned: several messages, split ones,
+    and a limit that may change between messages (a connection's does when it authenticates)."""
+    small = [encode_request(i, "health") for i in range(3)]
+    big = _request_of_size(3000)
+    stream = b"".join(small) + big + small[0]
+    limit = [len(small[0])]  # only small messages at first
+
+    def current() -> int:
+        return limit[0]
+
+    decoder = Decoder(Limits(max_message_bytes=4096))
+    seen = []
+    for message in decoder.feed_iter(stream[:-5], current):
+        seen.append(message[1])
+        if len(seen) == 3:
+            limit[0] = 4096  # "authenticated" after the third: the big one may come now
+    assert seen == [0, 1, 2, 1]
+    assert [m[1] for m in decoder.feed_iter(stream[-5:], current)] == [0]
+    with pytest.raises(MessageTooLarge) as info:  # an incomplete message at the limit
+        list(Decoder(Limits(max_message_bytes=4096)).feed_iter(big[:100], lambda: 100))
+    assert info.value.data["limit"] == 100
+    with pytest.raises(MessageTooLarge):  # the limit is the decoder's own without a function
+        list(Decoder(Limits(max_message_bytes=2048)).feed_iter(big))
+
+
 @pytest.mark.parametrize("header", [b"\xdb\xff\xff\xff\xff", b"\xc6\xff\xff\xff\xff"])
 def test_huge_declared_string_waits_then_is_too_large(header: bytes) -> None:
     # msgpack waits for a string's bytes before allocating it, and they never fit the limit.

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import os
 import queue
 import signal
@@ -608,17 +607,15 @@ def test_engine_crash_costs_the_child_not_the_daemon(
     model_store: ModelStore, tmp_path: Path
 ) -> None:
     """llama.cpp aborts the process on some faults: the daemon runs it in a child process."""
-    before = {p.pid for p in multiprocessing.active_children()}
     thread = ServerThread(options_for(model_store, tmp_path / "crash.sock", quant="Q8_0")).start()
     try:
         with Client(thread.socket_path, timeout=60.0) as c:
             assert c.embed(["warm up"]).vectors.shape == (1, 384)
-            engines = [
-                p
-                for p in multiprocessing.active_children()
-                if p.pid not in before and p.name == "edge-agent-embedder"
-            ]
-            assert len(engines) == 1
+            engine_pid = c.stats()["memory"]["engine_pid"]
+            assert engine_pid not in (None, os.getpid())
+            # The engine is a child of this (the daemon's) process, running our worker.
+            assert Path(f"/proc/{engine_pid}/stat").read_text().split()[3] == str(os.getpid())
+            assert b"edge_agent.worker" in Path(f"/proc/{engine_pid}/cmdline").read_bytes()
             outcome: dict[str, Any] = {}
 
             def long_call() -> None:
@@ -631,12 +628,13 @@ def test_engine_crash_costs_the_child_not_the_daemon(
             caller = threading.Thread(target=long_call)
             caller.start()
             time.sleep(1.0)
-            os.kill(engines[0].pid, signal.SIGABRT)  # what a GGML_ASSERT does
+            os.kill(engine_pid, signal.SIGABRT)  # what a GGML_ASSERT does
             caller.join(timeout=60)
             assert isinstance(outcome.get("error"), EngineError), outcome
             assert outcome["error"].code == ErrorCode.ENGINE_ERROR
             # Same daemon, same connection: the next request gets a fresh engine.
             assert c.embed(["after the crash"]).vectors.shape == (1, 384)
             assert c.health()["status"] == "ok"
+            assert c.stats()["memory"]["engine_pid"] not in (None, engine_pid)
     finally:
         thread.stop()

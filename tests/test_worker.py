@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -76,3 +77,104 @@ def test_a_crash_mid_call_is_an_engine_error_and_the_next_call_restarts(
 def test_a_model_that_cannot_load_is_a_typed_error(model_store: ModelStore) -> None:
     with pytest.raises(ModelNotFound):
         ProcessEmbedder.open(model_store, "no-such-model")
+
+
+# -- the event-loop path the daemon uses (submit) -------------------------------------------------
+
+
+def test_submit_gives_the_same_vectors_as_embed(process_embedder: ProcessEmbedder) -> None:
+    texts = ["the event loop path", "and a second text"]
+
+    async def run() -> np.ndarray:
+        return (await process_embedder.submit(texts, kind="query")).vectors
+
+    from_loop = asyncio.run(run())
+    direct = process_embedder.embed(texts, kind="query").vectors
+    np.testing.assert_allclose(from_loop, direct, atol=1e-6)
+    assert from_loop.flags.writeable  # callers may normalise or slice in place
+
+
+def test_submit_errors_are_typed(process_embedder: ProcessEmbedder) -> None:
+    async def run() -> None:
+        with pytest.raises(EmptyText) as caught:
+            await process_embedder.submit(["fine", "   "])
+        assert caught.value.data == {"index": 1}
+        assert (await process_embedder.submit(["still fine"])).vectors.shape == (1, 384)
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("fatal", [signal.SIGABRT, signal.SIGKILL])
+def test_submit_crash_mid_call_fails_that_call_and_the_next_restarts(
+    process_embedder: ProcessEmbedder, fatal: signal.Signals
+) -> None:
+    before = process_embedder.restarts
+
+    async def run() -> None:
+        pid = process_embedder.pid
+        assert pid is not None
+        call = process_embedder.submit([f"sentence number {i}" for i in range(4000)])
+        await asyncio.sleep(0.5)
+        os.kill(pid, fatal)
+        with pytest.raises(EngineError) as caught:
+            await call
+        assert fatal.name in caught.value.message
+        again = await process_embedder.submit(["after the crash"])
+        assert again.vectors.shape == (1, 384)
+        assert process_embedder.pid not in (None, pid)
+
+    asyncio.run(run())
+    assert process_embedder.restarts == before + 1
+
+
+def test_submit_after_the_child_died_while_idle_restarts_it(
+    process_embedder: ProcessEmbedder,
+) -> None:
+    """A child killed between requests (the OOM killer, an operator) costs no request."""
+    before = process_embedder.restarts
+    pid = process_embedder.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+
+    async def run() -> np.ndarray:
+        return (await process_embedder.submit(["nobody noticed"])).vectors
+
+    assert asyncio.run(run()).shape == (1, 384)
+    assert process_embedder.restarts == before + 1 and process_embedder.pid != pid
+
+
+def test_submit_cancelled_mid_call_does_not_mix_up_replies(
+    process_embedder: ProcessEmbedder,
+) -> None:
+    """A caller that gives up leaves its request in the child: its late reply must never be
+    taken for the next request's (the child is replaced instead)."""
+
+    async def run() -> None:
+        slow = process_embedder.submit([f"long batch {i}" for i in range(3000)])
+        await asyncio.sleep(0.3)
+        slow.cancel()
+        fresh = await process_embedder.submit(["a short text", "and another"], kind="query")
+        expected = process_embedder.embed(["a short text", "and another"], kind="query")
+        np.testing.assert_allclose(fresh.vectors, expected.vectors, atol=1e-6)
+
+    asyncio.run(run())
+
+
+def test_submit_unresponsive_child_times_out(model_store: ModelStore) -> None:
+    with ProcessEmbedder(
+        model_store.resolve(DEFAULT_MODEL, "Q8_0"), EmbedderConfig(threads=1), call_timeout=1.0
+    ) as embedder:
+        pid = embedder.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # alive but never answering (a hung engine)
+
+        async def run() -> None:
+            started = time.monotonic()
+            with pytest.raises(EngineError, match="no answer in 1s"):
+                await embedder.submit(["anyone there?"])
+            assert time.monotonic() - started < 10
+            assert (await embedder.submit(["a fresh engine"])).vectors.shape == (1, 384)
+
+        asyncio.run(run())
+        assert embedder.restarts == 1

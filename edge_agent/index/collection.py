@@ -892,9 +892,13 @@ class Collection:
         where: Mapping[str, Any] | None = None,
         ef: int | None = None,
         with_text: bool = False,
-    ) -> list[Hit]:
+        wait: bool = True,
+    ) -> list[Hit] | None:
         """Top-k by cosine similarity, best first, optionally only documents matching
-        ``where`` (see filters.compile_where). Fewer than k only if fewer documents match."""
+        ``where`` (see filters.compile_where). Fewer than k only if fewer documents match.
+
+        ``wait=False``: None instead of waiting when a write holds (or waits for) the index,
+        or when ``ef`` needs the index to itself; for a caller that must not block."""
         self._check_model(fingerprint)
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
             raise InvalidArgument(f"k must be an integer in [1, {MAX_K}], got {k!r}")
@@ -907,23 +911,42 @@ class Collection:
         ef_used = max(ef if ef is not None else self.config.ef_search, k)
         # hnswlib keeps ef in the index, so a query with another ef needs it to itself.
         custom = ef_used != self.config.ef_search
-        with self._rw.write() if custom else self._rw.read():
-            memory = self._mem()
+        if not wait:
             if custom:
-                memory.index.set_ef(ef_used)
-            try:
-                labels, scores = self._search_locked(memory, query, k, clauses)
-            finally:
-                if custom:
-                    memory.index.set_ef(self.config.ef_search)
-            hits = []
-            for label, score in zip(labels.tolist(), scores.tolist(), strict=True):
-                doc_id = memory.by_label[label]
-                doc = memory.docs[doc_id]
-                hits.append(
-                    Hit(doc_id, float(score), dict(doc.metadata), doc.text if with_text else None)
-                )
-            return hits
+                return None
+            with self._rw.try_read() as taken:
+                if not taken:
+                    return None
+                return self._search_read(query, k, clauses, with_text, custom=False)
+        with self._rw.write() if custom else self._rw.read():
+            return self._search_read(query, k, clauses, with_text, custom, ef_used)
+
+    def _search_read(
+        self,
+        query: np.ndarray,
+        k: int,
+        clauses: list | None,
+        with_text: bool,
+        custom: bool,
+        ef_used: int = 0,
+    ) -> list[Hit]:
+        """The search, with the read lock (or the write lock for a custom ef) held."""
+        memory = self._mem()
+        if custom:
+            memory.index.set_ef(ef_used)
+        try:
+            labels, scores = self._search_locked(memory, query, k, clauses)
+        finally:
+            if custom:
+                memory.index.set_ef(self.config.ef_search)
+        hits = []
+        for label, score in zip(labels.tolist(), scores.tolist(), strict=True):
+            doc_id = memory.by_label[label]
+            doc = memory.docs[doc_id]
+            hits.append(
+                Hit(doc_id, float(score), dict(doc.metadata), doc.text if with_text else None)
+            )
+        return hits
 
     def _search_locked(
         self, memory: Memory, query: np.ndarray, k: int, clauses: list | None

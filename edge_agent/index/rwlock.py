@@ -34,6 +34,23 @@ class RWLock:
                     self._cond.notify_all()
 
     @contextmanager
+    def try_read(self) -> Iterator[bool]:
+        """Read access only if it is free now (no writer holding or waiting): yields whether
+        it was taken. For callers that must not block (an event loop)."""
+        with self._cond:
+            taken = not self._writer and not self._waiting_writers
+            if taken:
+                self._readers += 1
+        try:
+            yield taken
+        finally:
+            if taken:
+                with self._cond:
+                    self._readers -= 1
+                    if not self._readers:
+                        self._cond.notify_all()
+
+    @contextmanager
     def write(self) -> Iterator[None]:
         with self._cond:
             self._waiting_writers += 1

@@ -67,6 +67,11 @@ class IndexStore:
             self._open[name] = collection
             return collection
 
+    def opened(self, name: str) -> Collection | None:
+        """The handle for ``name`` if it is open already, else None; never blocks (a single
+        dict read, atomic under the GIL), so an event loop may call it."""
+        return self._open.get(name)
+
     def get_or_create(self, name: str, fingerprint: ModelFingerprint) -> Collection:
         try:
             return self.open(name)

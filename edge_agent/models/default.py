@@ -16,9 +16,7 @@ from pathlib import Path
 
 from ..errors import IntegrityError, ModelFileError, ModelNotFound
 from ..progress import Progress
-from .convert import convert_bert, read_bert_source
 from .manifest import ModelManifest
-from .quantize import quantize
 from .store import ModelStore
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_QUANTS", "default_model_source_dir", "prepare_default"]
@@ -79,6 +77,11 @@ def prepare_default(store: ModelStore, quants: tuple[str, ...] = DEFAULT_QUANTS)
     if _is_complete(store, quants, label):
         log.info("default model %s is ready in %s", DEFAULT_MODEL, store.model_dir(DEFAULT_MODEL))
         return store.get(DEFAULT_MODEL)
+    # The converter (gguf, safetensors) and llama.cpp's quantizer load only here: a daemon or a
+    # client that merely names DEFAULT_MODEL does not carry them.
+    from .convert import convert_bert, read_bert_source
+    from .quantize import quantize
+
     source = read_bert_source(default_model_source_dir())
     staging = store.root / f".staging-{DEFAULT_MODEL}"
     shutil.rmtree(staging, ignore_errors=True)

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import gguf
-
 from ..errors import ModelFileError
 from .manifest import POOLING_NAMES
 
@@ -101,6 +99,8 @@ def _header_values(handle: IO[bytes], wanted: set[str]) -> dict[str, Any]:
 def quant_name(file_type: int | None) -> str:
     if file_type is None:
         return "UNKNOWN"
+    import gguf  # the names only; the package is heavy (~10 MB), so it loads when needed
+
     try:
         name = gguf.LlamaFileType(file_type).name
     except ValueError:

@@ -1,0 +1,25 @@
+"""How engine child processes are started: the environment they get.
+
+Shared by the self-test and tuning children and the daemon's engine child (edge_agent.worker),
+which run llama.cpp in processes of their own so that an abort costs a child, not the caller.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["child_environment"]
+
+
+def child_environment() -> dict[str, str]:
+    """The environment for engine child processes: this package importable, and no gdb.
+
+    ggml prints a backtrace on abort by attaching gdb when it is installed, which takes
+    seconds and floods stderr; GGML_NO_BACKTRACE turns that off.
+    """
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env["GGML_NO_BACKTRACE"] = "1"
+    return env

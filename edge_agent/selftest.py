@@ -143,6 +143,7 @@ def embedder_config(decision: Decision, base: EmbedderConfig | None = None) -> E
         max_sequences=decision.max_sequences,
         max_sequence_tokens=decision.max_context,
         flash_attention=decision.flash_attention,
+        solo_tokens=base.solo_tokens,
         chunk_overlap=base.chunk_overlap,
         max_texts=base.max_texts,
         max_text_bytes=base.max_text_bytes,

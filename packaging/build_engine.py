@@ -106,7 +106,17 @@ def build_and_install(name: str, version: str, build_env: dict[str, str]) -> Non
         )
     else:
         print(f"{name} {version}: using the wheel built for these flags in {wheel_dir}", flush=True)
-    pip("install", "--no-deps", "--find-links", str(wheel_dir), "--no-index", f"{name}=={version}")
+    # --force-reinstall: the same version built with other flags is "already satisfied" to pip,
+    # which would keep the old build in the environment.
+    pip(
+        "install",
+        "--force-reinstall",
+        "--no-deps",
+        "--find-links",
+        str(wheel_dir),
+        "--no-index",
+        f"{name}=={version}",
+    )
 
 
 def main() -> int:

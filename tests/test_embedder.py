@@ -63,6 +63,19 @@ def test_results_do_not_depend_on_batching_or_order(embedder: Embedder, referenc
     assert cosines(together, reversed_).min() > 0.9999
 
 
+def test_single_texts_match_sentence_transformers_with_and_without_the_solo_context(
+    model_store: ModelStore, reference
+) -> None:
+    """A lone short text runs in the second context (no flash attention), a longer one and
+    every batch in the main one: the vectors are the reference's either way."""
+    sentences, expected = reference
+    for solo in (256, 0):
+        config = EmbedderConfig(threads=2, solo_tokens=solo)
+        with Embedder.open(model_store, DEFAULT_MODEL, "F32", config) as embedder:
+            alone = np.vstack([embedder.embed([s]).vectors for s in sentences])
+        assert cosines(alone, expected).min() > 0.9999, solo
+
+
 def test_tiny_batches_still_fit_the_longest_text(model_store: ModelStore, reference) -> None:
     """batch_tokens below max_tokens is raised to it: a 256-token text never overflows a batch
     (llama.cpp aborts the process on an encoder batch larger than n_ubatch)."""
@@ -127,7 +140,14 @@ def test_limits_are_enforced(model_store: ModelStore) -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"batch_tokens": 8}, {"max_sequences": 0}, {"threads": 0}, {"max_texts": True}]
+    "kwargs",
+    [
+        {"batch_tokens": 8},
+        {"max_sequences": 0},
+        {"threads": 0},
+        {"max_texts": True},
+        {"solo_tokens": -1},
+    ],
 )
 def test_config_is_validated_once(kwargs) -> None:
     with pytest.raises(InvalidArgument):

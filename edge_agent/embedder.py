@@ -8,6 +8,7 @@ input fails fast with a typed error and never reaches the engine.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import threading
@@ -25,6 +26,7 @@ from .errors import (
     InvalidArgument,
     TextTooLong,
 )
+from .hardware.load import ThreadGovernor
 from .models.manifest import ModelManifest
 from .models.store import ModelStore, ResolvedModel
 from .texts import check_text
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 __all__ = ["Embedder", "EmbedderConfig", "Embeddings", "ModelHandle"]
+
+log = logging.getLogger("edge_agent.embedder")
 
 Kind = Literal["document", "query"]
 LongText = Literal["truncate", "chunk", "error"]
@@ -74,6 +78,10 @@ class EmbedderConfig:
     use_mmap: bool = True
     # Lock the weights in RAM (profiles turn it on where swapping to an SD card would stall).
     use_mlock: bool = False
+    # Run with fewer threads while other processes keep the cores busy: llama.cpp's threads
+    # spin at barriers for descheduled peers, which turns a 3 ms text into ~900 ms under
+    # contention (hardware/load.py; docs/benchmarks.md "CPU contention").
+    adaptive_threads: bool = True
 
     def __post_init__(self) -> None:
         for name, low, high in (
@@ -220,6 +228,7 @@ class Embedder(ModelHandle):
             else ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-agent-model")
         )
         self._closed = threading.Event()
+        self._governor: ThreadGovernor | None = None
         # llama.cpp loads here, not on import: the daemon imports this module for its
         # configuration types and runs the engine in a child process.
         from .engine import Engine, EngineSettings
@@ -266,11 +275,15 @@ class Embedder(ModelHandle):
                 f"{self.path}: max_tokens {self.max_tokens} leaves no room for text"
             )
         self._overlap = min(self.config.chunk_overlap, self._window // 2)
+        if self.config.adaptive_threads and self.threads > 1:
+            self._governor = ThreadGovernor(self.threads, available_cpus()).start()
 
     def close(self) -> None:
         if self._closed.is_set():
             return
         self._closed.set()
+        if self._governor is not None:
+            self._governor.stop()
         engine = getattr(self, "_engine", None)
         if engine is not None:
             self._executor.submit(engine.close).result()
@@ -407,6 +420,12 @@ class Embedder(ModelHandle):
         return _Prepared(sequences, token_count, False)
 
     def _embed_on_model_thread(self, texts: list[str], long_text: str, out_dims: int) -> Embeddings:
+        if self._governor is not None:
+            threads = self._governor.threads()
+            if threads != self._engine.threads:
+                log.debug("engine threads %d -> %d (others' load %.2f CPUs)",
+                          self._engine.threads, threads, self._governor.others)
+                self._engine.set_threads(threads)
         prepared = [self._prepare(i, text, long_text) for i, text in enumerate(texts)]
         flat: list[list[int]] = []
         owner: list[int] = []

@@ -86,6 +86,7 @@ class Engine:
         self.causal = not llama_cpp.llama_model_has_encoder(self._model) and self._meta_causal()
 
         batch, threads = settings.batch_tokens, settings.threads
+        self.threads = threads
         self._ctx = self._context(batch, settings.max_sequences, threads, settings.flash_attention)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
@@ -153,6 +154,14 @@ class Engine:
         arch = self.meta("general.architecture") or ""
         value = self.meta(f"{arch}.attention.causal")
         return value is None or value.lower() not in ("false", "0")
+
+    def set_threads(self, threads: int) -> None:
+        """Threads for the following calls (both contexts): llama.cpp reads the count at each
+        decode, so changing it costs nothing."""
+        for ctx in (self._ctx, self._solo_ctx):
+            if ctx:
+                llama_cpp.llama_set_n_threads(ctx, threads, threads)
+        self.threads = threads
 
     def meta(self, key: str) -> str | None:
         buffer = ctypes.create_string_buffer(512)

@@ -18,10 +18,11 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +38,9 @@ from .errors import (
     ModelMismatch,
 )
 from .index import Collection, IndexStore, ModelFingerprint
-from .index.documents import validate_id, validate_metadata, validate_text
+from .index.documents import check_vector_rows, validate_id, validate_metadata, validate_text
+from .index.fsutil import DISK_FULL_ERRNOS, describe_error, index_full, is_disk_full
+from .index.manifest import validate_new_collection_name
 from .protocol import (
     AddArgs,
     AddVectorsArgs,
@@ -73,6 +76,9 @@ class _Put:
 class _Call:
     run: Callable[[], Any]
     future: Future[Any] = field(default_factory=Future)
+    # Whether success proves the disk takes writes again (health): creating a collection
+    # does, opening an existing one or renaming one away does not.
+    writes_disk: bool = True
 
 
 class _Writer:
@@ -218,8 +224,16 @@ class IndexService:
             max_workers=read_threads, thread_name_prefix="edge-agent-index-read"
         )
         self._failed: dict[str, str] = {}  # collections that could not be opened, and why
+        # Why the last write to disk failed (disk full, I/O error), until one succeeds: the
+        # daemon's health is "degraded" meanwhile.
+        self._write_error: str | None = None
         self._searching = 0  # searches running on the reader threads
         self._closed = False
+        # Spellings of the index root that may appear in error messages, longest first.
+        root = store.root
+        self._roots = sorted(
+            {str(root), str(root.absolute()), str(root.resolve())}, key=len, reverse=True
+        )
         for name, args_type, handler in (
             ("add", AddArgs, self._add),
             ("add_vectors", AddVectorsArgs, self._add_vectors),
@@ -229,7 +243,7 @@ class IndexService:
             ("count", CountArgs, self._count),
             ("collections", CollectionsArgs, self._collections),
         ):
-            service.register(name, args_type, handler)
+            service.register(name, args_type, self._guard(name, handler))
         service.health_sections["index"] = self._health
         service.stats_sections["index"] = self._stats
 
@@ -274,13 +288,24 @@ class IndexService:
         await asyncio.to_thread(self.open_all)
 
     def close(self) -> None:
-        """Apply every queued write, then close the collections (snapshot on close)."""
+        """Apply every queued write, then close the collections (snapshot on close).
+
+        Never raises: the daemon is stopping either way, and every acknowledged write is in
+        a WAL already. A snapshot that cannot be written (disk full) is one log line from the
+        collection; anything worse is logged here."""
         if self._closed:
             return
         self._closed = True
         self._writer.stop()
         self._readers.shutdown(wait=True)
-        self.store.close()
+        try:
+            self.store.close()
+        except Exception as exc:
+            log.error(
+                "%s",
+                kv(event="index_close_failed", error=describe_error(exc)),
+                exc_info=not isinstance(exc, (EdgeAgentError, OSError)),
+            )
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -291,7 +316,70 @@ class IndexService:
     async def _write(self, job: _Put | _Call) -> Any:
         if self._closed:
             raise ShuttingDown("the daemon is shutting down")
-        return await asyncio.wrap_future(self._writer.submit(job))
+        try:
+            result = await asyncio.wrap_future(self._writer.submit(job))
+        except Exception as exc:
+            # A full disk, or an I/O error writing (the WAL's untyped error); not e.g. a
+            # CollectionExists whose cause is the OSError of a lost rename race.
+            if is_disk_full(exc) or (
+                type(exc) is EdgeAgentError and isinstance(exc.__cause__, OSError)
+            ):
+                self._write_error = self._scrub(describe_error(exc))
+            raise
+        if isinstance(job, _Put) or job.writes_disk:
+            self._write_error = None
+        return result
+
+    # -- what clients may see ---------------------------------------------------------------------
+
+    def _guard(
+        self, method: str, handler: Callable[[Any], Awaitable[dict[str, Any]]]
+    ) -> Callable[[Any], Awaitable[dict[str, Any]]]:
+        """``handler`` with its errors made fit for any client, remote ones included: a full
+        disk met anywhere is INDEX_FULL, and no message or data names a server path (the
+        daemon's log keeps the full message)."""
+
+        async def guarded(args: Any) -> dict[str, Any]:
+            try:
+                return await handler(args)
+            except EdgeAgentError as exc:
+                self._redact(exc, method)
+                raise
+            except OSError as exc:
+                if exc.errno not in DISK_FULL_ERRNOS:
+                    raise  # a bug or a broken disk: INTERNAL, with the traceback in the log
+                log.error("%s", kv(event="index_disk_full", method=method, error=str(exc)))
+                self._write_error = describe_error(exc)
+                raise index_full(exc, f"complete {method}") from exc
+
+        return guarded
+
+    def _scrub(self, text: str) -> str:
+        """``text`` with the index root cut off paths under it ("notes/wal-...log", which is
+        also what `edge-agent index check` takes) and named, not spelled, elsewhere."""
+        for root in self._roots:
+            text = text.replace(root + os.sep, "").replace(root, "the index directory")
+        return text
+
+    def _scrub_data(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self._scrub(value)
+        if isinstance(value, dict):
+            return {key: self._scrub_data(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._scrub_data(item) for item in value]
+        return value
+
+    def _redact(self, exc: EdgeAgentError, method: str) -> None:
+        """Rewrite ``exc`` in place (it may be shared by merged writes: this is idempotent)."""
+        message, data = self._scrub(exc.message), self._scrub_data(exc.data)
+        if message == exc.message and data == exc.data:
+            return
+        log.info(
+            "%s",
+            kv(event="index_error", method=method, code=exc.code.name, detail=exc.message),
+        )
+        exc.message, exc.data, exc.args = message, data, (message,)
 
     def _open(self, name: str) -> Collection:
         if name in self._failed:
@@ -313,6 +401,7 @@ class IndexService:
         except CollectionNotFound:
             if create_for is None:
                 raise
+        validate_new_collection_name(name)
         fingerprint = self.fingerprint()
         if create_for != fingerprint.vector_dims:
             raise InvalidArgument(
@@ -381,6 +470,7 @@ class IndexService:
         except CollectionNotFound:
             if not args.create:
                 raise
+            validate_new_collection_name(args.collection)  # before any model time is spent
             collection = None  # made after the texts embed, so bad input leaves nothing behind
         fingerprint = self.fingerprint() if collection is None else self._check_model(collection)
         texts = [doc.text for doc in args.docs]
@@ -412,12 +502,15 @@ class IndexService:
             "collection": collection.name,
             "added": len(args.docs),
             "lsn": lsn,
-            "truncated": [i for i, t in enumerate(embedded["truncated"]) if t],
-            "tokens": int(sum(embedded["token_counts"])),
+            "truncated": [i for i, t in enumerate(embedded.truncated) if t],
+            "tokens": int(sum(embedded.token_counts)),
         }
 
     async def _add_vectors(self, args: AddVectorsArgs) -> dict[str, Any]:
         self._validate_docs(args.ids, args.texts, args.metadata)
+        # A row that cannot be normalised (all zero) is refused here, naming it: before a
+        # collection is created for it, and alone, not after merging with others' writes.
+        check_vector_rows(args.vectors)
         collection = await self._collection(
             args.collection, create_for=args.vectors.shape[1] if args.create else None
         )
@@ -539,40 +632,61 @@ class IndexService:
                     f" {sorted(self._supported_dims)})",
                     allowed=sorted(self._supported_dims),
                 )
+            validate_new_collection_name(name)
             fingerprint = self.fingerprint(dims)
             collection = await self._write(_Call(lambda: self.store.create(name, fingerprint)))
             log.info("%s", kv(event="collection_created", collection=name))
             return self._info(collection)
         if args.action == "drop":
-            await self._write(_Call(lambda: self.store.drop(name)))
+            await self._write(_Call(lambda: self.store.drop(name), writes_disk=False))
             self._failed.pop(name, None)
             log.info("%s", kv(event="collection_dropped", collection=name))
             return {"dropped": name}
         collection = await self._collection(name)
         stats = await self._read(collection.stats)
-        return {**self._info(collection), "stats": dataclasses.asdict(stats)}
+        return {**self._info(collection), "stats": self._scrub_data(dataclasses.asdict(stats))}
 
     def _list(self) -> list[dict[str, Any]]:
         listed = []
         for name in self.store.names():
             if name in self._failed:
-                listed.append({"name": name, "state": "unavailable", "error": self._failed[name]})
+                error = self._scrub(self._failed[name])
+                listed.append({"name": name, "state": "unavailable", "error": error})
                 continue
             try:
                 listed.append({**self._info(self.store.open(name)), "state": "ok"})
             except EdgeAgentError as exc:
-                listed.append({"name": name, "state": "unavailable", "error": exc.message})
+                error = self._scrub(exc.message)
+                listed.append({"name": name, "state": "unavailable", "error": error})
         return listed
 
     # -- health and stats -------------------------------------------------------------------------
 
     def _health(self) -> dict[str, Any]:
-        return {
-            "status": "degraded" if self._failed else "ok",
+        """Degraded while a collection cannot be opened, the last write to disk failed, or a
+        collection's snapshots fail (the WAL then grows without bound); ok again once writes
+        and snapshots succeed. ``reason`` says why in one line."""
+        snapshot_errors = {}
+        for name in sorted(self.store.open_names()):
+            collection = self.store.opened(name)
+            error = collection.snapshot_error if collection is not None else None
+            if error is not None:
+                snapshot_errors[name] = self._scrub(error)
+        reasons = [f"collection {name!r} cannot be opened" for name in sorted(self._failed)]
+        if self._write_error is not None:
+            reasons.append(f"writes fail: {self._write_error}")
+        reasons += [f"snapshots of {name!r} fail: {e}" for name, e in snapshot_errors.items()]
+        health: dict[str, Any] = {
+            "status": "degraded" if reasons else "ok",
             "collections": len(self.store.names()),
-            "unavailable": dict(self._failed),
+            "unavailable": {name: self._scrub(e) for name, e in self._failed.items()},
+            "write_error": self._write_error,
+            "snapshot_errors": snapshot_errors,
             "write_queue": self._writer.depth,
         }
+        if reasons:
+            health["reason"] = "; ".join(reasons)
+        return health
 
     def _stats(self) -> dict[str, Any]:
         return {

@@ -41,6 +41,7 @@ from .protocol import (
     named_args,
 )
 from .worker import ProcessEmbedder
+from .workload import DeadlinePolicy, WorkModel
 
 __all__ = ["Reservoir", "Service", "ServiceConfig", "kv", "server_version"]
 
@@ -123,24 +124,101 @@ class ServiceConfig:
     # How long the first request of a batch waits for company, when the previous batch served
     # several requests (under concurrency); a lone client's requests go to the engine at once.
     batch_window_s: float = 0.002
-    batch_max_texts: int = 256  # texts per engine call, unless one request alone has more
+    batch_max_texts: int = 256  # texts per engine call
     reservoir_size: int = 1024  # latency samples kept per method
+    # Engine time of one call: larger requests are cut into slices of about this much work,
+    # so a query waits behind one slice of a bulk add, not behind the whole request.
+    slice_s: float = 0.025
+    # Query-kind calls that may go ahead of waiting document work in a row before one
+    # document slice runs: bulk indexing slows down while people search, but never stops.
+    query_streak: int = 8
+    # An engine call that takes longer than floor + factor x its estimated work is killed
+    # (the child restarts; that call fails with ENGINE_ERROR, queued requests continue).
+    call_deadline_floor_s: float = 2.0
+    call_deadline_factor: float = 10.0
+    # An idle engine child is asked to answer a ping this often (0: never); one that does not
+    # answer within call_deadline_floor_s is killed and restarted before a request needs it.
+    liveness_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_queue <= 1_000_000:
             raise InvalidArgument(f"max_queue must be in [1, 1000000], got {self.max_queue!r}")
         if not 0 <= self.batch_window_s <= 1:
             raise InvalidArgument(f"batch_window_s must be in [0, 1], got {self.batch_window_s!r}")
-        if self.batch_max_texts < 1 or self.reservoir_size < 1:
-            raise InvalidArgument("batch_max_texts and reservoir_size must be positive")
+        if self.batch_max_texts < 1 or self.reservoir_size < 1 or self.query_streak < 1:
+            raise InvalidArgument(
+                "batch_max_texts, reservoir_size and query_streak must be positive"
+            )
+        for name, low, high in (
+            ("slice_s", 0.001, 60.0),
+            ("call_deadline_floor_s", 0.1, 3600.0),
+            ("call_deadline_factor", 1.0, 1000.0),
+            ("liveness_interval_s", 0.0, 3600.0),
+        ):
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise InvalidArgument(f"{name} must be in [{low}, {high}], got {value!r}")
 
 
 @dataclass
 class _Job:
+    """One embed request; the batcher sends its texts to the engine in one or more slices."""
+
     args: EmbedArgs
-    future: asyncio.Future[dict[str, Any]]
+    future: asyncio.Future[Embeddings]
     enqueued: float
+    tokens: list[int]  # estimated engine tokens of each text
+    sent: int = 0  # texts handed to the engine so far
+    parts: list[Embeddings] = field(default_factory=list)
     alone: bool = False  # rerun by itself after its coalesced batch hit an input error
+
+    @property
+    def urgent(self) -> bool:
+        # Queries are what a person waits for; documents are what an indexer streams.
+        return self.args.kind == "query"
+
+
+@dataclass(frozen=True)
+class _Slice:
+    job: _Job
+    start: int
+    end: int
+
+
+def _join(parts: list[Embeddings]) -> Embeddings:
+    if len(parts) == 1:
+        return parts[0]
+    return Embeddings(
+        np.concatenate([p.vectors for p in parts]),
+        [n for p in parts for n in p.token_counts],
+        [t for p in parts for t in p.truncated],
+        [c for p in parts for c in p.chunks],
+        parts[0].model,
+        parts[0].quant,
+    )
+
+
+def _rows(result: Embeddings, start: int, end: int) -> Embeddings:
+    return Embeddings(
+        result.vectors[start:end],
+        result.token_counts[start:end],
+        result.truncated[start:end],
+        result.chunks[start:end],
+        result.model,
+        result.quant,
+    )
+
+
+def _shift_index(exc: EdgeAgentError, offset: int) -> EdgeAgentError:
+    """An input error found in a slice that starts at text ``offset`` of its request: the
+    same error, with the index (and the ``texts[i]`` in the message) counted in the request."""
+    index = exc.data.get("index")
+    if offset == 0 or not isinstance(index, int):
+        return exc
+    message = exc.message.replace(f"texts[{index}]", f"texts[{index + offset}]", 1)
+    shifted = type(exc)(message, **{**exc.data, "index": index + offset})
+    shifted.__cause__ = exc
+    return shifted
 
 
 class Service:
@@ -162,12 +240,24 @@ class Service:
         self._started_at = time.monotonic()
         self._methods: dict[str, tuple[type[Any], Handler]] = {}
         self._stats: dict[str, _MethodStats] = {}
-        self._queue: deque[_Job] = deque()
+        self._urgent: deque[_Job] = deque()  # query-kind requests: go first
+        self._bulk: deque[_Job] = deque()  # everything else, in slices
+        self._urgent_streak = 0  # query calls run in a row while document work waited
         self._queued_texts = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._engine_call: asyncio.Future[Embeddings] | None = None  # the batch in the engine
+        self._engine_call: asyncio.Future[Any] | None = None  # the batch (or ping) in the engine
         self._window_timer: asyncio.TimerHandle | None = None
+        self._liveness_timer: asyncio.TimerHandle | None = None
+        self._last_engine_activity = time.monotonic()
         self._last_batch_requests = 0
+        self.work = WorkModel(
+            embedder.max_tokens,
+            getattr(embedder, "seconds_per_token", 0.0),
+            DeadlinePolicy(self.config.call_deadline_floor_s, self.config.call_deadline_factor),
+        )
+        self.sliced_requests = 0
+        self.liveness_failures = 0
+        self.deadline_failures = 0
         self._idle = asyncio.Event()  # set whenever the queue drains with the engine idle
         self._closing = False
         self._closed = False
@@ -241,6 +331,7 @@ class Service:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._schedule_liveness()
 
     @property
     def closing(self) -> bool:
@@ -256,22 +347,26 @@ class Service:
             return
         self._closed = True
         self.begin_shutdown()
+        if self._liveness_timer is not None:
+            self._liveness_timer.cancel()
+            self._liveness_timer = None
         deadline = time.monotonic() + grace
         self._kick()
-        while (self._queue or self._engine_call is not None) and time.monotonic() < deadline:
+        while (self._queued() or self._engine_call is not None) and time.monotonic() < deadline:
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     await self._idle.wait()
-        if self._queue or self._engine_call is not None:
-            log.warning("%s", kv(event="shutdown_timeout", queued=len(self._queue)))
+        if self._queued() or self._engine_call is not None:
+            log.warning("%s", kv(event="shutdown_timeout", queued=self._queued()))
         if self._window_timer is not None:
             self._window_timer.cancel()
             self._window_timer = None
-        while self._queue:
-            job = self._queue.popleft()
-            if not job.future.done():
-                job.future.set_exception(ShuttingDown("the daemon is shutting down"))
+        for queue in (self._urgent, self._bulk):
+            while queue:
+                job = queue.popleft()
+                if not job.future.done():
+                    job.future.set_exception(ShuttingDown("the daemon is shutting down"))
         if self._engine_call is not None:
             # Still running after the grace: stop it (a child engine is killed; an in-process
             # one finishes its batch, which close() below waits for).
@@ -313,8 +408,11 @@ class Service:
             **self.identity,
         }
 
+    def _queued(self) -> int:
+        return len(self._urgent) + len(self._bulk)
+
     def queue_depth(self) -> int:
-        return len(self._queue)
+        return self._queued()
 
     async def report(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The health and stats results without counting as calls: a metrics scrape every few
@@ -327,7 +425,7 @@ class Service:
             "model_loaded": not self._closed,
             "model": self.embedder.model_name,
             "quant": self.embedder.quant,
-            "queue_depth": len(self._queue),
+            "queue_depth": self._queued(),
             "uptime_s": round(time.monotonic() - self._started_at, 3),
         }
         for name, section in self.health_sections.items():
@@ -336,6 +434,7 @@ class Service:
             # that failed to open); the daemon itself still answers.
             if part.get("status") == "degraded" and health["status"] == "ok":
                 health["status"] = "degraded"
+                health["reason"] = f"{name}: {part.get('reason') or 'degraded'}"
         return health
 
     def _stats_method(self, _args: NoArgs) -> dict[str, Any]:
@@ -355,9 +454,14 @@ class Service:
                 # Throughput while the engine works, so idle time does not dilute it.
                 "texts_per_s": round(self.embedded_texts / busy, 1) if busy > 0 else 0.0,
                 "batch_texts": self.batch_texts.percentiles(),
-                "queue_depth": len(self._queue),
+                "queue_depth": self._queued(),
                 "max_queue": self.config.max_queue,
                 "overloaded": self.overloaded,
+                "sliced_requests": self.sliced_requests,
+                "seconds_per_token": round(self.work.seconds_per_token, 7),
+                "engine_restarts": getattr(self.embedder, "restarts", 0),
+                "deadline_failures": self.deadline_failures,
+                "liveness_failures": self.liveness_failures,
             },
             "transport": self.transport_stats(),
             **{name: section() for name, section in self.stats_sections.items()},
@@ -397,30 +501,63 @@ class Service:
                     argument="instruction",
                 )
 
-    async def embed_vectors(self, args: EmbedArgs) -> tuple[np.ndarray, dict[str, Any]]:
+    async def embed_vectors(self, args: EmbedArgs) -> tuple[np.ndarray, Embeddings]:
         """Embed through the shared batcher (so other layers' texts coalesce with clients'):
-        float32 (count, dims) vectors and the embed result map (token counts, truncation)."""
-        result = await self._embed(args)
-        vectors = np.frombuffer(result["vectors"], dtype="<f4").reshape(
-            result["count"], result["dims"]
-        )
-        return vectors, result
+        float32 (count, dims) vectors and the Embeddings (token counts, truncation)."""
+        result = await self._queue_embed(args)
+        return result.vectors, result
 
     def _embed(self, args: EmbedArgs) -> asyncio.Future[dict[str, Any]]:
-        """Queue one embed request; its future resolves when its batch comes back."""
+        """The wire method: the batcher's Embeddings, encoded for the transport only here."""
+        inner = self._queue_embed(args)
+        assert self._loop is not None  # _queue_embed checked
+        outer: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+
+        def encode(done: asyncio.Future[Embeddings]) -> None:
+            if outer.done():
+                return
+            if done.cancelled():
+                outer.cancel()
+            elif done.exception() is not None:
+                outer.set_exception(done.exception())  # type: ignore[arg-type]
+            else:
+                result = done.result()
+                outer.set_result(
+                    encode_embed_result(
+                        result.vectors,
+                        result.token_counts,
+                        result.truncated,
+                        result.chunks,
+                        result.model,
+                        result.quant,
+                    )
+                )
+
+        def give_up(done: asyncio.Future[dict[str, Any]]) -> None:
+            if done.cancelled():  # the caller went away: the batcher skips its texts
+                inner.cancel()
+
+        inner.add_done_callback(encode)
+        outer.add_done_callback(give_up)
+        return outer
+
+    def _queue_embed(self, args: EmbedArgs) -> asyncio.Future[Embeddings]:
+        """Queue one embed request; its future resolves when its last slice comes back."""
         if self._closing:
             raise ShuttingDown("the daemon is shutting down")
         self._check_model_limits(args)
-        if len(self._queue) >= self.config.max_queue:
+        queued = self._queued()
+        if queued >= self.config.max_queue:
             self.overloaded += 1
             raise Overloaded(
-                f"{len(self._queue)} embed requests are queued; retry later",
+                f"{queued} embed requests are queued; retry later",
                 limit=self.config.max_queue,
             )
         if self._loop is None:
             raise RuntimeError("Service.start() was not called")
-        job = _Job(args, self._loop.create_future(), time.monotonic())
-        self._queue.append(job)
+        tokens = [self.work.text_tokens(text, args.long_text) for text in args.texts]
+        job = _Job(args, self._loop.create_future(), time.monotonic(), tokens)
+        (self._urgent if job.urgent else self._bulk).append(job)
         self._queued_texts += len(args.texts)
         self.embed_requests += 1
         self._kick()
@@ -435,18 +572,20 @@ class Service:
         """Start the next batch if the engine is idle and something is queued."""
         if self._engine_call is not None or self._window_timer is not None:
             return
-        if not self._queue:
+        if not self._queued():
             self._idle.set()
             return
         # Wait out the rest of the first request's window for company, but only under
         # concurrency (the last batch served several requests): a lone client never pays the
         # window, and requests that queued while the engine was busy have waited enough.
-        delay = self._queue[0].enqueued + self.config.batch_window_s - time.monotonic()
+        head = (self._urgent or self._bulk)[0]
+        delay = head.enqueued + self.config.batch_window_s - time.monotonic()
         if (
             delay > 0
             and self._last_batch_requests > 1
             and self._queued_texts < self.config.batch_max_texts
-            and not self._queue[0].alone
+            and not head.alone
+            and head.sent == 0
         ):
             assert self._loop is not None
             self._window_timer = self._loop.call_later(delay, self._window_elapsed)
@@ -454,56 +593,85 @@ class Service:
         batch = self._take_batch()
         if batch:
             self._start_batch(batch)
-        elif not self._queue:  # every queued caller had gone away
+        elif not self._queued():  # every queued caller had gone away
             self._idle.set()
 
     def _window_elapsed(self) -> None:
         self._window_timer = None
         self._kick()
 
-    def _take_batch(self) -> list[_Job]:
-        """FIFO by first request; later requests join it when their options match (a request
-        marked ``alone`` runs by itself)."""
-        batch: list[_Job] = []
-        rest: deque[_Job] = deque()
+    def _pick_queue(self) -> deque[_Job]:
+        """Queries first, but after ``query_streak`` query calls in a row one slice of the
+        waiting document work runs."""
+        self._drop_abandoned(self._urgent)
+        self._drop_abandoned(self._bulk)
+        if self._urgent and (not self._bulk or self._urgent_streak < self.config.query_streak):
+            if self._bulk:
+                self._urgent_streak += 1
+            return self._urgent
+        self._urgent_streak = 0
+        return self._bulk
+
+    def _drop_abandoned(self, queue: deque[_Job]) -> None:
+        """Requests whose caller went away (connection closed) cost no engine time."""
+        if any(job.future.done() for job in queue):
+            for job in [job for job in queue if job.future.done()]:
+                queue.remove(job)
+                self._queued_texts -= len(job.args.texts) - job.sent
+
+    def _take_batch(self) -> list[_Slice]:
+        """Slices of queued requests for one engine call: FIFO from the chosen queue; later
+        requests join when their options match, up to about ``slice_s`` of estimated work
+        (always at least one text). A request marked ``alone`` runs by itself."""
+        queue = self._pick_queue()
+        budget = self.work.slice_tokens(self.config.slice_s)
+        batch: list[_Slice] = []
         key = None
-        texts = 0
-        while self._queue:
-            job = self._queue.popleft()
-            if job.future.done():  # the caller went away (connection closed): skip the work
-                self._queued_texts -= len(job.args.texts)
-                continue
-            size = len(job.args.texts)
+        tokens = texts = 0
+        for job in queue:
             if key is None:
                 key = job.args.batch_key
-            elif (
-                job.alone
-                or batch[0].alone
-                or job.args.batch_key != key
-                or texts + size > self.config.batch_max_texts
-            ):
-                rest.append(job)
+            elif job.alone or batch[0].job.alone or job.args.batch_key != key:
                 continue
-            batch.append(job)
-            texts += size
-            self._queued_texts -= size
-        self._queue = rest
+            start = end = job.sent
+            while end < len(job.args.texts) and texts < self.config.batch_max_texts:
+                cost = job.tokens[end]
+                if texts and tokens + cost > budget:
+                    break
+                tokens += cost
+                texts += 1
+                end += 1
+            if end == start:
+                break
+            batch.append(_Slice(job, start, end))
+            job.sent = end
+            self._queued_texts -= end - start
+            if job.alone or end < len(job.args.texts) or texts >= self.config.batch_max_texts:
+                break
+        for piece in batch:
+            if piece.end == len(piece.job.args.texts):
+                queue.remove(piece.job)  # all of it is on its way to the engine
+            if piece.start == 0 and piece.end < len(piece.job.args.texts):
+                self.sliced_requests += 1  # the first of several slices
         return batch
 
-    def _start_batch(self, batch: list[_Job]) -> None:
-        args = batch[0].args
-        texts = [text for job in batch for text in job.args.texts]
+    def _start_batch(self, batch: list[_Slice]) -> None:
+        args = batch[0].job.args
+        texts = [text for piece in batch for text in piece.job.args.texts[piece.start : piece.end]]
+        tokens = sum(sum(piece.job.tokens[piece.start : piece.end]) for piece in batch)
         self.engine_calls += 1
         self._last_batch_requests = len(batch)
+        options: dict[str, Any] = {
+            "kind": args.kind,
+            "instruction": args.instruction,
+            "dimensions": args.dimensions,
+            "long_text": args.long_text,
+        }
+        if isinstance(self.embedder, ProcessEmbedder):
+            options["timeout"] = self.work.deadline(tokens)
         started = time.perf_counter()
         try:
-            call = self.embedder.submit(
-                texts,
-                kind=args.kind,  # type: ignore[arg-type]
-                instruction=args.instruction,
-                dimensions=args.dimensions,
-                long_text=args.long_text,  # type: ignore[arg-type]
-            )
+            call = self.embedder.submit(texts, **options)
         except BaseException as exc:  # refused before it reached the engine
             assert self._loop is not None
             call = self._loop.create_future()
@@ -513,7 +681,7 @@ class Service:
 
     def _batch_done(
         self,
-        batch: list[_Job],
+        batch: list[_Slice],
         texts: list[str],
         started: float,
         call: asyncio.Future[Embeddings],
@@ -521,14 +689,27 @@ class Service:
         elapsed = time.perf_counter() - started
         self.engine_busy_s += elapsed
         self._engine_call = None
+        self._last_engine_activity = time.monotonic()
         try:
             self._deliver(batch, texts, elapsed, call)
         finally:
             self._kick()
 
+    def _requeue_alone(self, batch: list[_Slice]) -> None:
+        """Run each request of a failed coalesced batch by itself, from the failed slice on,
+        at the front of its queue, so only the sender of the bad text sees the error."""
+        for piece in reversed(batch):
+            job = piece.job
+            queue = self._urgent if job.urgent else self._bulk
+            self._queued_texts += job.sent - piece.start
+            job.sent = piece.start
+            job.alone = True
+            if job not in queue:
+                queue.appendleft(job)
+
     def _deliver(
         self,
-        batch: list[_Job],
+        batch: list[_Slice],
         texts: list[str],
         elapsed: float,
         call: asyncio.Future[Embeddings],
@@ -540,48 +721,101 @@ class Service:
         if isinstance(exc, InvalidArgument) and len(batch) > 1:
             # Only the engine can find some input errors (a text with no tokens, one over
             # max_tokens with long_text="error"). Run each request alone so only its sender
-            # sees the error, with indices into its own texts: back to the queue's front.
+            # sees the error, with indices into its own texts.
             log.info("%s", kv(event="batch_split", requests=len(batch), code=exc.code.name))
-            for job in reversed(batch):
-                job.alone = True
-                self._queue.appendleft(job)
-                self._queued_texts += len(job.args.texts)
+            self._requeue_alone(batch)
+            return
+        if isinstance(exc, InvalidArgument):
+            piece = batch[0]
+            self._fail(batch, _shift_index(exc, piece.start))
             return
         if isinstance(exc, EdgeAgentError):
+            if "no answer in" in exc.message:
+                self.deadline_failures += 1
             self._fail(batch, exc)
             return
         if exc is not None:  # a bug in the engine layer: report it, keep serving
-            log.error(
-                "%s", kv(event="embed_failed", texts=len(texts)), exc_info=exc
-            )
+            log.error("%s", kv(event="embed_failed", texts=len(texts)), exc_info=exc)
             self._fail(batch, EdgeAgentError(f"internal error: {type(exc).__name__}"))
             return
         embeddings = call.result()
         self.embedded_texts += len(texts)
         self.batch_texts.add(len(texts))
+        self.work.observe(texts, embeddings.token_counts, batch[0].job.args.long_text, elapsed)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "%s",
                 kv(event="batch", requests=len(batch), texts=len(texts), ms=elapsed * 1000),
             )
         offset = 0
-        for job in batch:
-            end = offset + len(job.args.texts)
-            if not job.future.done():
-                job.future.set_result(
-                    encode_embed_result(
-                        embeddings.vectors[offset:end],
-                        embeddings.token_counts[offset:end],
-                        embeddings.truncated[offset:end],
-                        embeddings.chunks[offset:end],
-                        embeddings.model,
-                        embeddings.quant,
-                    )
-                )
-            offset = end
+        for piece in batch:
+            job = piece.job
+            count = piece.end - piece.start
+            job.parts.append(_rows(embeddings, offset, offset + count))
+            offset += count
+            if job.sent == len(job.args.texts) and not job.future.done():
+                job.future.set_result(_join(job.parts))
 
-    @staticmethod
-    def _fail(batch: list[_Job], exc: BaseException) -> None:
-        for job in batch:
+    def _fail(self, batch: list[_Slice], exc: BaseException) -> None:
+        for piece in batch:
+            job = piece.job
             if not job.future.done():
                 job.future.set_exception(exc)
+            queue = self._urgent if job.urgent else self._bulk
+            if job in queue:  # the rest of a sliced request is not worth the engine's time
+                queue.remove(job)
+                self._queued_texts -= len(job.args.texts) - job.sent
+
+    # -- engine liveness ----------------------------------------------------------------------
+
+    def _schedule_liveness(self) -> None:
+        interval = self.config.liveness_interval_s
+        if (
+            interval > 0
+            and self._loop is not None
+            and not self._closing
+            and isinstance(self.embedder, ProcessEmbedder)
+        ):
+            self._liveness_timer = self._loop.call_later(interval, self._liveness_tick)
+
+    def _liveness_tick(self) -> None:
+        """Ping an engine that has been idle for an interval: a stopped, hung or swapped-out
+        child is then found (and replaced) before a request waits on it."""
+        self._liveness_timer = None
+        idle_for = time.monotonic() - self._last_engine_activity
+        if (
+            self._engine_call is None
+            and self._window_timer is None
+            and not self._queued()
+            and idle_for >= self.config.liveness_interval_s
+        ):
+            assert isinstance(self.embedder, ProcessEmbedder)
+            ping = self.embedder.ping(self.config.call_deadline_floor_s)
+            self._engine_call = ping
+            ping.add_done_callback(self._ping_done)
+        self._schedule_liveness()
+
+    def _ping_done(self, ping: asyncio.Future[Any]) -> None:
+        self._last_engine_activity = time.monotonic()
+        if ping.cancelled() or ping.exception() is None:
+            self._engine_call = None
+            self._kick()
+            return
+        self.liveness_failures += 1
+        log.warning(
+            "%s",
+            kv(event="engine_unresponsive", detail=str(ping.exception()), action="restart"),
+        )
+        assert isinstance(self.embedder, ProcessEmbedder)
+        # Requests that arrive meanwhile wait for the fresh child instead of a dead one.
+        restart = asyncio.ensure_future(self.embedder.restart())
+        self._engine_call = restart
+
+        def restarted(done: asyncio.Future[None]) -> None:
+            self._engine_call = None
+            self._last_engine_activity = time.monotonic()
+            if not done.cancelled() and done.exception() is not None:
+                log.error("%s", kv(event="engine_restart_failed", detail=str(done.exception())))
+            self._kick()
+
+        restart.add_done_callback(restarted)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import os
 import pickle
 import signal
 import socket
@@ -48,6 +50,7 @@ log = logging.getLogger("edge_agent.worker")
 class _Ready:
     max_tokens: int
     threads: int
+    seconds_per_token: float = 0.0  # measured on a warm-up text at start
 
 
 def _put(conn: Connection, message: Any) -> None:
@@ -81,6 +84,44 @@ def _unpack_embeddings(packed: tuple[Any, ...]) -> Embeddings:
     return Embeddings(vectors, token_counts, truncated, chunks, model, quant)
 
 
+def _release_memory() -> None:
+    """Give freed heap back to the OS after a large call: glibc keeps the arenas that held
+    a 4,096-text batch's token lists and buffers (~90 MB measured) for the child's lifetime."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _exit_with_parent(fd: int) -> None:
+    """A thread that ends the child when the parent dies: the parent holds the only write end
+    of this pipe, so the read returns (EOF) exactly when the parent is gone. Works on every
+    OS and while the main thread is inside llama.cpp; exits without a traceback."""
+
+    def watch() -> None:
+        with contextlib.suppress(OSError):
+            while os.read(fd, 64):
+                pass
+        os._exit(0)
+
+    threading.Thread(target=watch, name="edge-agent-parent-watch", daemon=True).start()
+
+
+# Texts per call above which the child trims its heap afterwards (a cheap call, but not free).
+_TRIM_AFTER_TEXTS = 256
+
+
+def _warm_up_seconds_per_token(embedder: Embedder) -> float:
+    """Two short embeds at start: the first warms the caches and the engine's buffers (it is
+    several times slower than later calls); the second's time per token seeds the parent's
+    call deadlines before any real call has been measured (an overestimate still: a short
+    call's fixed cost is spread over few tokens)."""
+    text = ["edge agent warm-up text for the engine " * 4]
+    embedder.embed(text)
+    started = time.perf_counter()
+    result = embedder.embed(text)
+    return (time.perf_counter() - started) / max(1, sum(result.token_counts))
+
+
 def _child_main(conn: Connection) -> None:
     """The child: take (model, config), open the embedder, then answer (args, kwargs)
     requests until the socket closes (the parent stopped us, or died)."""
@@ -92,29 +133,43 @@ def _child_main(conn: Connection) -> None:
     try:
         # This thread does nothing else: llama.cpp runs on it directly (no handoff per call).
         embedder = Embedder(resolved, config, on_caller_thread=True)
+        rate = _warm_up_seconds_per_token(embedder)
     except EdgeAgentError as exc:
         _put(conn, ("error", int(exc.code), exc.message, exc.data))
         return
-    _put(conn, ("ready", _Ready(max_tokens=embedder.max_tokens, threads=embedder.threads)))
+    ready = _Ready(max_tokens=embedder.max_tokens, threads=embedder.threads, seconds_per_token=rate)
     with embedder:
-        while True:
-            try:
+        try:
+            _put(conn, ("ready", ready))
+            while True:
                 request = _get(conn)
-            except (EOFError, OSError):
-                return
-            if request is None:
-                return
-            args, kwargs = request
-            try:
-                reply: tuple[Any, ...] = ("ok", *_pack_embeddings(embedder.embed(*args, **kwargs)))
-            except EdgeAgentError as exc:
-                reply = ("error", int(exc.code), exc.message, exc.data)
-            _put(conn, reply)
+                if request is None:
+                    return
+                if request == "ping":
+                    _put(conn, ("pong",))
+                    continue
+                args, kwargs = request
+                try:
+                    reply: tuple[Any, ...] = (
+                        "ok",
+                        *_pack_embeddings(embedder.embed(*args, **kwargs)),
+                    )
+                except EdgeAgentError as exc:
+                    reply = ("error", int(exc.code), exc.message, exc.data)
+                _put(conn, reply)
+                if args and len(args[0]) > _TRIM_AFTER_TEXTS:
+                    del reply
+                    _release_memory()
+        except (EOFError, OSError):
+            return  # the parent closed the socket or died: nothing to answer
 
 
-def child_entry(fd: int) -> None:
-    """``python -c 'from edge_agent.worker import child_entry; child_entry(FD)'``: the child's
-    whole program, on the socket the parent passed as ``fd``."""
+def child_entry(fd: int, parent_fd: int | None = None) -> None:
+    """``python -c 'from edge_agent.worker import child_entry; child_entry(FD, PFD)'``: the
+    child's whole program, on the socket the parent passed as ``fd``; ``parent_fd`` is the
+    read end of the pipe whose EOF means the parent died."""
+    if parent_fd is not None:
+        _exit_with_parent(parent_fd)
     _child_main(Connection(fd))
 
 
@@ -123,14 +178,26 @@ class _Child:
     its resource-tracker process, ~13 MB for nothing here)."""
 
     def __init__(self, fd: int) -> None:
+        # The parent keeps the only write end of this pipe (non-inheritable, so no other child
+        # holds it): the engine child sees EOF on it when the parent dies, even by SIGKILL.
+        watch_read, self._watch_write = os.pipe()
         command = [
             sys.executable,
             "-c",
-            f"from edge_agent.worker import child_entry; child_entry({fd})",
+            f"from edge_agent.worker import child_entry; child_entry({fd}, {watch_read})",
         ]
-        self._popen = subprocess.Popen(
-            command, pass_fds=(fd,), stdin=subprocess.DEVNULL, env=child_environment()
-        )
+        try:
+            self._popen = subprocess.Popen(
+                command,
+                pass_fds=(fd, watch_read),
+                stdin=subprocess.DEVNULL,
+                env=child_environment(),
+            )
+        except BaseException:
+            os.close(self._watch_write)
+            raise
+        finally:
+            os.close(watch_read)
         self.pid = self._popen.pid
 
     def is_alive(self) -> bool:
@@ -139,6 +206,9 @@ class _Child:
     def join(self, timeout: float | None = None) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._popen.wait(timeout)
+        if self._popen.returncode is not None and self._watch_write >= 0:
+            os.close(self._watch_write)
+            self._watch_write = -1
 
     @property
     def exitcode(self) -> int | None:
@@ -174,6 +244,9 @@ class ProcessEmbedder(ModelHandle):
         ready = self._start()
         self.max_tokens = ready.max_tokens
         self.threads = ready.threads
+        # The engine's time per token, measured by the child at start: the first calls'
+        # deadlines (before the service has measured real ones) are derived from it.
+        self.seconds_per_token = ready.seconds_per_token
 
     @property
     def pid(self) -> int | None:
@@ -277,50 +350,74 @@ class ProcessEmbedder(ModelHandle):
             reply = self._receive(self._call_timeout, "embedding")
         return self._result(reply)
 
-    def submit(self, *args: Any, **kwargs: Any) -> asyncio.Future[Embeddings]:
+    def submit(
+        self, *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> asyncio.Future[Embeddings]:
         """``embed`` for an event loop, without a thread in between: the request is written to
         the pipe now and the reply is read by a callback when the pipe's descriptor becomes
         readable. One request at a time (the caller, the service's batcher, waits for each).
-        Starting or restarting the child, and naming a crash, happen off the loop."""
+        Starting or restarting the child, and naming a crash, happen off the loop.
+
+        ``timeout``: seconds the child may take before it is killed (and restarted on the next
+        call) and this call fails with ENGINE_ERROR; the service derives it from the work.
+        """
+        return self._submit((args, kwargs), self._call_timeout if timeout is None else timeout)
+
+    def ping(self, timeout: float) -> asyncio.Future[Any]:
+        """A liveness check of an idle child: settles when it answers, or fails with
+        ENGINE_ERROR after ``timeout`` seconds, with the unresponsive child killed."""
+        return self._submit("ping", timeout)
+
+    def _submit(self, request: Any, timeout: float) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         if self._closed:
             raise EngineError("embedder is closed")
         if self._process is None or not self._lock.acquire(blocking=False):
             # Rare: a (re)start, or a thread inside embed(). Neither may block the loop.
-            return asyncio.ensure_future(self._submit_when_ready(args, kwargs))
+            return asyncio.ensure_future(self._submit_when_ready(request, timeout))
         try:
-            self._send((args, kwargs))
+            self._send(request)
         except EngineError:
             # The child died while idle (its end of the pipe is gone; _send reaped it): start
             # a fresh one, as embed() would, rather than fail a request it never received.
             self._lock.release()
             log.warning("embedding engine process died while idle; restarting")
-            return asyncio.ensure_future(self._submit_when_ready(args, kwargs))
+            return asyncio.ensure_future(self._submit_when_ready(request, timeout))
         except BaseException:
             self._lock.release()
             raise
-        return self._await_reply(loop)
+        return self._await_reply(loop, timeout)
 
-    async def _submit_when_ready(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Embeddings:
+    async def restart(self) -> None:
+        """Start a fresh child now if none is running (after a failed liveness check), so the
+        next request does not pay the start-up."""
         loop = asyncio.get_running_loop()
         while not self._lock.acquire(blocking=False):
             await asyncio.sleep(0.001)
         try:
             await loop.run_in_executor(None, self._ensure_running)
-            self._send((args, kwargs))
+        finally:
+            self._lock.release()
+
+    async def _submit_when_ready(self, request: Any, timeout: float) -> Any:
+        loop = asyncio.get_running_loop()
+        while not self._lock.acquire(blocking=False):
+            await asyncio.sleep(0.001)
+        try:
+            await loop.run_in_executor(None, self._ensure_running)
+            self._send(request)
         except BaseException:
             self._lock.release()
             raise
-        return await self._await_reply(loop)
+        return await self._await_reply(loop, timeout)
 
-    def _await_reply(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Embeddings]:
+    def _await_reply(self, loop: asyncio.AbstractEventLoop, timeout: float) -> asyncio.Future[Any]:
         """The reply to the request just sent; releases the lock when it is settled."""
         conn = self._conn
-        assert conn is not None
+        if conn is None:
+            raise EngineError("the embedding engine process is gone")
         fd = conn.fileno()
-        future: asyncio.Future[Embeddings] = loop.create_future()
+        future: asyncio.Future[Any] = loop.create_future()
         timed_out = False
         settled = False
 
@@ -350,10 +447,15 @@ class ProcessEmbedder(ModelHandle):
                 reply = _get(conn)
             except (EOFError, OSError):
                 settle(release=False)  # held until the dead child is reaped
-                loop.run_in_executor(None, self._failure, timed_out).add_done_callback(report)
+                loop.run_in_executor(None, self._failure, timed_out, timeout).add_done_callback(
+                    report
+                )
                 return
             settle()
             if future.done():
+                return
+            if reply[0] == "pong":
+                future.set_result(None)
                 return
             try:
                 future.set_result(self._result(reply))
@@ -363,7 +465,9 @@ class ProcessEmbedder(ModelHandle):
         def on_timeout() -> None:
             nonlocal timed_out
             timed_out = True
-            self._process.kill()  # EOF follows: on_readable reports it
+            # SIGKILL works on a stopped (SIGSTOP) or swapped-out child too; EOF follows and
+            # on_readable reports it.
+            self._process.kill()
 
         def on_cancelled(done: asyncio.Future[Embeddings]) -> None:
             if done.cancelled() and not settled:
@@ -374,17 +478,15 @@ class ProcessEmbedder(ModelHandle):
                 loop.run_in_executor(None, reap_then_release)
 
         loop.add_reader(fd, on_readable)
-        timer = loop.call_later(self._call_timeout, on_timeout)
+        timer = loop.call_later(timeout, on_timeout)
         future.add_done_callback(on_cancelled)
         return future
 
-    def _failure(self, timed_out: bool) -> EngineError:
+    def _failure(self, timed_out: bool, timeout: float) -> EngineError:
         """The error for a child that stopped answering: names why, reaps it (blocking while
         the dead child is joined, so called off the loop)."""
         try:
-            how = (
-                f"no answer in {self._call_timeout:.0f}s" if timed_out else self._describe_exit()
-            )
+            how = f"no answer in {timeout:.1f}s" if timed_out else self._describe_exit()
             self._reap()
         finally:
             self._lock.release()

@@ -15,13 +15,15 @@ change to memory holds ``_writer``, so holding it is enough for a consistent gra
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -55,7 +57,14 @@ from .documents import (
 )
 from .filters import compile_where
 from .fingerprint import ModelFingerprint
-from .fsutil import TMP_SUFFIX, fsync_dir
+from .fsutil import (
+    DISK_FULL_ERRNOS,
+    TMP_SUFFIX,
+    describe_error,
+    disk_full,
+    fsync_dir,
+    index_full,
+)
 from .manifest import MANIFEST_NAME, CollectionManifest, SnapshotRef, validate_collection_name
 from .memory import Memory, StoredDoc
 from .recovery import list_segments, repair_hint, replay_wal
@@ -226,7 +235,14 @@ class Collection:
         if not isinstance(fingerprint, ModelFingerprint):
             raise InvalidArgument("fingerprint must be a ModelFingerprint")
         if path.exists():
-            raise CollectionExists(f"collection {name!r} already exists at {path}", name=name)
+            raise CollectionExists(f"collection {name!r} already exists", name=name)
+        with disk_full(f"create collection {name!r}"):
+            return cls._create(path, name, fingerprint, config)
+
+    @classmethod
+    def _create(
+        cls, path: Path, name: str, fingerprint: ModelFingerprint, config: IndexConfig
+    ) -> Collection:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
         tmp.mkdir()
@@ -243,7 +259,10 @@ class Collection:
             create_segment(tmp, 1, segment_info(manifest))
             try:
                 os.rename(tmp, path)
-            except OSError as exc:  # another creator won the race
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise  # e.g. a full disk (a directory entry needs room too)
+                # Another creator won the race.
                 raise CollectionExists(f"collection {name!r} already exists", name=name) from exc
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -268,7 +287,9 @@ class Collection:
             manifest = CollectionManifest.load(path)
             self = cls(path, config, manifest)
             self._lock_fd = lock_fd
-            self._recover()
+            # Recovery may write: a torn tail's cut, a new WAL segment, a fresh snapshot.
+            with disk_full(f"open collection {manifest.name!r}"):
+                self._recover()
         except BaseException:
             os.close(lock_fd)
             raise
@@ -294,15 +315,31 @@ class Collection:
                     and self._wal_records
                     and self._wal is not None
                 ):
-                    self._snapshot_locked(force=False)
+                    try:
+                        self._snapshot_locked(force=False)
+                    except Exception as exc:
+                        # Nothing is lost: the WAL holds every acknowledged write and the next
+                        # open replays it. Closing must still succeed (a daemon stopping on a
+                        # full disk), so this is one log line, not an exception.
+                        self._snapshot_failed(exc)
+                        log.error(
+                            "%s: snapshot on close failed (%s); nothing is lost, the WAL holds"
+                            " every acknowledged write and is replayed at the next open",
+                            self.path,
+                            describe_error(exc),
+                        )
             finally:
                 self._closed = True
-                if self._wal is not None:
-                    self._wal.close(sync=True)
-                    self._wal = None
-                if self._lock_fd is not None:
-                    os.close(self._lock_fd)
-                    self._lock_fd = None
+                wal, self._wal = self._wal, None
+                try:
+                    if wal is not None:
+                        # Raises if the final fsync fails (writes under fsync "batch"/"off"
+                        # may not be durable): the caller must hear of that.
+                        wal.close(sync=True)
+                finally:
+                    if self._lock_fd is not None:
+                        os.close(self._lock_fd)
+                        self._lock_fd = None
 
     def __enter__(self) -> Collection:
         return self
@@ -455,6 +492,11 @@ class Collection:
         """LSN of the last acknowledged write."""
         return self._lsn
 
+    @property
+    def snapshot_error(self) -> str | None:
+        """Why the last snapshot failed (no file paths in it), or None if it succeeded."""
+        return self._snap_error
+
     def _mem(self) -> Memory:
         if self._closed or self._memory is None:
             raise InvalidArgument(f"collection {self.path.name!r} is closed")
@@ -571,6 +613,7 @@ class Collection:
                     f"collection {self.name!r} would hold {live_after} documents; the limit is"
                     f" {self.config.max_vectors}",
                     limit=self.config.max_vectors,
+                    reason="max_vectors",
                 )
             slots = memory.slots_needed(len(id_list), replacing)
             if slots > memory.capacity:
@@ -644,7 +687,8 @@ class Collection:
                 try:
                     self._snapshot_locked(force=False)
                 except Exception as exc:  # the write itself is durable: report, retry next time
-                    log.error("%s: snapshot failed: %s", self.path, exc)
+                    self._snapshot_failed(exc)
+                    log.error("%s: snapshot failed: %s", self.path, describe_error(exc))
                 finally:
                     self._snap_lock.release()
         return lsn
@@ -662,7 +706,7 @@ class Collection:
 
         Returns once it is committed. Other writers wait only while the graph is copied and
         the manifest written, not for the snapshot files."""
-        with self._snap_lock:
+        with self._snap_lock, self._snapshot_errors(f"snapshot collection {self.name!r}"):
             return self._run_snapshot(force=False, due_only=False)
 
     def wait_for_snapshot(self, timeout: float | None = None) -> bool:
@@ -704,16 +748,33 @@ class Collection:
                 self._run_snapshot(force=False, due_only=True)
         except Exception as exc:
             # Every write is in the WAL, which stays the source of truth: report, retry later.
-            self._snap_error = f"{type(exc).__name__}: {exc}"
-            self._snap_retry_at = time.monotonic() + SNAPSHOT_RETRY_S
+            self._snapshot_failed(exc)
             log.error(
                 "%s: background snapshot failed (next try in %.0f s or more): %s",
                 self.path,
                 SNAPSHOT_RETRY_S,
                 exc,
             )
-        else:
-            self._snap_error = None
+
+    def _snapshot_failed(self, exc: BaseException) -> None:
+        """Record why a snapshot failed (stats, the daemon's health) and hold off retries."""
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            exc = index_full(exc, f"snapshot collection {self.name!r}")  # say it as INDEX_FULL
+        self._snap_error = describe_error(exc)
+        self._snap_retry_at = time.monotonic() + SNAPSHOT_RETRY_S
+
+    @contextmanager
+    def _snapshot_errors(self, what: str) -> Iterator[None]:
+        """For snapshot() and compact(): a failure is recorded like a background one, and a
+        full disk is INDEX_FULL."""
+        try:
+            with disk_full(what):
+                yield
+        except InvalidArgument:
+            raise  # a closed collection, not a failed snapshot
+        except Exception as exc:
+            self._snapshot_failed(exc)
+            raise
 
     def _run_snapshot(self, *, force: bool, due_only: bool) -> int | None:
         """Capture with writers held, write the files with nothing held, commit the manifest
@@ -829,6 +890,8 @@ class Collection:
         )
         updated.save(self.path)
         self._manifest = updated
+        self._snap_error = None
+        self._snap_retry_at = 0.0
         # What was written after the capture still counts toward the next snapshot.
         self._wal_records = max(0, self._wal_records - job.records)
         self._wal_bytes = max(0, self._wal_bytes - job.bytes)
@@ -837,7 +900,7 @@ class Collection:
         """Rebuild the graph from the live vectors only (drops deleted slots, restores graph
         quality after many deletes), then snapshot it. Searches continue meanwhile; writers
         wait for the rebuild."""
-        with self._snap_lock:
+        with self._snap_lock, self._snapshot_errors(f"compact collection {self.name!r}"):
             with self._writer:
                 self._check_writable()
                 self._compact_locked()
@@ -906,7 +969,7 @@ class Collection:
             not isinstance(ef, int) or isinstance(ef, bool) or not 1 <= ef <= 65536
         ):
             raise InvalidArgument(f"ef must be an integer in [1, 65536], got {ef!r}")
-        query = normalize_vectors(vector, self.dim, 1)[0]
+        query = normalize_vectors(vector, self.dim, 1, where="vector")[0]
         clauses = compile_where(where)
         ef_used = max(ef if ef is not None else self.config.ef_search, k)
         # hnswlib keeps ef in the index, so a query with another ef needs it to itself.
@@ -1037,34 +1100,41 @@ class Collection:
                 " delete them, then reindex",
                 count=len(textless),
             )
-        shadow = self._open_shadow(fingerprint)
-        embedded = removed = 0
-        try:
-            reused = shadow.count()
-            progress: Progress | _QuietProgress = (
-                Progress(f"reindex {self.name}", total=self.count(), unit=" docs")
-                if show_progress
-                else _QuietProgress()
-            )
-            with progress:
-                progress.advance(reused, "resumed" if reused else "")
-                # Bounded: each round only catches up with writes made during the last one.
-                for _ in range(3):
-                    todo, stale = self._reindex_diff(shadow)
-                    if not todo and not stale:
-                        break
-                    e, r = self._reindex_fill(shadow, fingerprint, embed, todo, stale, batch_size)
-                    embedded, removed = embedded + e, removed + r
-                    progress.advance(e)
-                with self._snap_lock, self._writer:  # no snapshot of the old model may commit
-                    self._check_writable()
-                    todo, stale = self._reindex_diff(shadow)
-                    e, r = self._reindex_fill(shadow, fingerprint, embed, todo, stale, batch_size)
-                    embedded, removed = embedded + e, removed + r
-                    progress.advance(e, "switching")
-                    self._commit_reindex(shadow)
-        finally:
-            shadow.close()
+        # The shadow's writes, snapshots and the switch all write files: a full disk is
+        # INDEX_FULL, and the old collection stays as it was.
+        with disk_full(f"reindex collection {self.name!r}"):
+            shadow = self._open_shadow(fingerprint)
+            embedded = removed = 0
+            try:
+                reused = shadow.count()
+                progress: Progress | _QuietProgress = (
+                    Progress(f"reindex {self.name}", total=self.count(), unit=" docs")
+                    if show_progress
+                    else _QuietProgress()
+                )
+                with progress:
+                    progress.advance(reused, "resumed" if reused else "")
+                    # Bounded: each round only catches up with writes made during the last one.
+                    for _ in range(3):
+                        todo, stale = self._reindex_diff(shadow)
+                        if not todo and not stale:
+                            break
+                        e, r = self._reindex_fill(
+                            shadow, fingerprint, embed, todo, stale, batch_size
+                        )
+                        embedded, removed = embedded + e, removed + r
+                        progress.advance(e)
+                    with self._snap_lock, self._writer:  # no snapshot of the old model may commit
+                        self._check_writable()
+                        todo, stale = self._reindex_diff(shadow)
+                        e, r = self._reindex_fill(
+                            shadow, fingerprint, embed, todo, stale, batch_size
+                        )
+                        embedded, removed = embedded + e, removed + r
+                        progress.advance(e, "switching")
+                        self._commit_reindex(shadow)
+            finally:
+                shadow.close()
         shutil.rmtree(self.path / REINDEX_DIR, ignore_errors=True)
         return ReindexReport(
             embedded, reused, removed, time.monotonic() - started, fingerprint.to_json()

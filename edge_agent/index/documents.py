@@ -20,6 +20,7 @@ __all__ = [
     "Document",
     "Hit",
     "Put",
+    "check_vector_rows",
     "decode_payload",
     "encode_payload",
     "normalize_vectors",
@@ -143,26 +144,60 @@ def validate_metadata(metadata: object, config: IndexConfig, where: str = "metad
     return out
 
 
-def normalize_vectors(vectors: object, dim: int, count: int | None = None) -> np.ndarray:
-    """(n, dim) float32 rows scaled to unit length; typed errors for anything unusable."""
+def normalize_vectors(
+    vectors: object, dim: int, count: int | None = None, *, where: str = "vectors"
+) -> np.ndarray:
+    """(n, dim) float32 rows scaled to unit length; typed errors for anything unusable.
+
+    Computed in float64 after dividing each row by its largest magnitude: squaring float32
+    components overflows above ~1.8e19 (1e20 gave a zero vector, stored silently) and
+    underflows below ~1e-23, while a row scaled into [-1, 1] squares safely whatever its
+    magnitude. Every row must come out finite and of unit length, else the error names it.
+    """
     try:
-        array = np.asarray(vectors, dtype=np.float32)
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgument(f"vectors must be numbers ({exc})") from exc
+        array = np.asarray(vectors, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidArgument(f"{where} must be numbers ({exc})", argument=where) from exc
     if array.ndim == 1:
         array = array[None, :]
     if array.ndim != 2 or array.shape[1] != dim:
         raise InvalidArgument(
-            f"vectors must have shape (n, {dim}), got {tuple(np.shape(vectors))}", dims=dim
+            f"{where} must have shape (n, {dim}), got {tuple(np.shape(vectors))}",
+            dims=dim,
+            argument=where,
         )
     if count is not None and array.shape[0] != count:
-        raise InvalidArgument(f"{array.shape[0]} vectors for {count} ids")
-    if not np.isfinite(array).all():
-        raise InvalidArgument("vectors contain NaN or infinity")
-    norms = np.linalg.norm(array, axis=1)
-    if (norms < 1e-12).any():
-        raise InvalidArgument(f"vector {int(np.argmin(norms))} is zero: it has no direction")
-    return np.ascontiguousarray(array / norms[:, None], dtype=np.float32)
+        raise InvalidArgument(f"{array.shape[0]} vectors for {count} ids", argument=where)
+    peak = check_vector_rows(array, where)
+    scaled = array / peak[:, None]  # every entry in [-1, 1], the largest exactly +-1
+    unit = (scaled / np.linalg.norm(scaled, axis=1)[:, None]).astype(np.float32)
+    # Unit rows have an entry of at least 1/sqrt(dim), far above float32's resolution, so
+    # this only fails on a bug: check anyway, a bad vector must never reach the WAL.
+    norms = np.linalg.norm(unit.astype(np.float64), axis=1)
+    bad = ~(np.isfinite(unit).all(axis=1) & (np.abs(norms - 1.0) < 1e-3))
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise InvalidArgument(
+            f"{where}[{row}] cannot be normalised to unit length", argument=where, index=row
+        )
+    return np.ascontiguousarray(unit)
+
+
+def check_vector_rows(array: np.ndarray, where: str = "vectors") -> np.ndarray:
+    """Each row's largest magnitude, after refusing a row with NaN or infinity or one that is
+    all zero (no direction), naming it. One pass over (n, dim) floats: cheap enough for an
+    event loop, so a server can refuse a bad row before anything is queued or created."""
+    finite = np.isfinite(array).all(axis=1)
+    if not finite.all():
+        row = int(np.argmin(finite))
+        raise InvalidArgument(f"{where}[{row}] contains NaN or infinity", argument=where, index=row)
+    peak = np.abs(array).max(axis=1) if array.shape[1] else np.zeros(len(array), array.dtype)
+    if (peak == 0).any():
+        row = int(np.argmin(peak))
+        raise InvalidArgument(
+            f"{where}[{row}] is zero: it has no direction", argument=where, index=row
+        )
+    return peak
 
 
 def encode_payload(lsn: int, ops: Sequence[Put | Delete]) -> bytes:

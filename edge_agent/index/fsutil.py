@@ -5,11 +5,71 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["TMP_SUFFIX", "fsync_dir", "fsync_fd", "write_file_atomic"]
+from ..errors import EdgeAgentError, IndexFull
+
+__all__ = [
+    "DISK_FULL_ERRNOS",
+    "TMP_SUFFIX",
+    "describe_error",
+    "disk_full",
+    "fsync_dir",
+    "fsync_fd",
+    "index_full",
+    "is_disk_full",
+    "write_file_atomic",
+]
 
 TMP_SUFFIX = ".tmp"  # every temporary file ends so; open() removes strays
+# The filesystem or the user's quota is full: the caller can act (free space, drop data), so
+# these become INDEX_FULL instead of an internal error.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for an OSError saying the disk (or quota) is full, or one caused by it."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        if isinstance(exc, IndexFull) and exc.data.get("reason") == "disk_full":
+            return True
+        exc = exc.__cause__  # type: ignore[assignment]
+    return False
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line reason without file names: it may reach remote clients (stats, health),
+    which must not learn server paths. The log line that goes with it names the path."""
+    if isinstance(exc, EdgeAgentError):
+        return exc.message
+    if isinstance(exc, OSError) and exc.errno is not None:
+        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        return f"{name}: {exc.strerror or os.strerror(exc.errno)}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def index_full(exc: OSError, what: str) -> IndexFull:
+    """The INDEX_FULL error for a disk-full OSError met while doing ``what``."""
+    reason = exc.strerror or os.strerror(exc.errno or errno.ENOSPC)
+    return IndexFull(
+        f"disk full: cannot {what} ({reason}); free space on the index's filesystem and retry",
+        reason="disk_full",
+        errno=errno.errorcode.get(exc.errno or errno.ENOSPC, "ENOSPC"),
+    )
+
+
+@contextmanager
+def disk_full(what: str) -> Iterator[None]:
+    """Turn a disk-full OSError raised inside into IndexFull (others pass unchanged)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise index_full(exc, what) from exc
+        raise
 
 
 def fsync_fd(fd: int) -> None:

@@ -18,18 +18,70 @@ from ..errors import IndexCorrupt, InvalidArgument
 from .fingerprint import ModelFingerprint
 from .fsutil import write_file_atomic
 
-__all__ = ["MANIFEST_NAME", "CollectionManifest", "SnapshotRef", "validate_collection_name"]
+__all__ = [
+    "MANIFEST_NAME",
+    "RESERVED_NAMES",
+    "CollectionManifest",
+    "SnapshotRef",
+    "validate_collection_name",
+    "validate_new_collection_name",
+]
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Windows device names, with or without an extension: no directory can be called that on
+# Windows (or on an SMB share), so the index could not be copied or backed up there.
+_DEVICE = re.compile(r"^(CON|PRN|AUX|NUL|COM[0-9]|LPT[0-9])(\..*)?$", re.IGNORECASE)
+# Names of what the index keeps on disk: the root's own name ("index"), and the files and
+# directories in a collection (LOCK, manifest.json, reindex/). A collection so named could be
+# mistaken for them by a person or a tool given a name or a path (`edge-agent index check`
+# takes either). Compared case-insensitively, as macOS and Windows compare file names.
+RESERVED_NAMES = frozenset({"index", "lock", "manifest", "manifest.json", "reindex"})
+# Suffixes and prefixes of files the index creates, renames or deletes on its own: temporary
+# files (removed as strays), damaged snapshots set aside, repair's quarantine folders, and the
+# snapshot and WAL file names.
+_RESERVED_FORMS = re.compile(
+    r"(\.tmp|\.corrupt)$|^(quarantine-|snap-[0-9]{10}\.|wal-[0-9]{20}\.)", re.IGNORECASE
+)
 
 
 def validate_collection_name(name: object) -> str:
+    """The syntax every collection name has (checked on every use, old collections too)."""
     if not isinstance(name, str) or not _NAME.match(name):
         raise InvalidArgument(
             f"collection name {name!r:.80} must be 1-64 letters, digits, '.', '_' or '-',"
-            " starting with a letter or digit"
+            " starting with a letter or digit",
+            argument="name",
+            rule="syntax",
+        )
+    return name
+
+
+def validate_new_collection_name(name: object) -> str:
+    """The syntax, and no reserved name: checked when a collection is created (collections
+    made before this rule existed still open under their names)."""
+    name = validate_collection_name(name)
+    if _DEVICE.match(name):
+        raise InvalidArgument(
+            f"collection name {name!r} is reserved: CON, PRN, AUX, NUL, COM0-9 and LPT0-9 (any"
+            " case, with or without an extension) are Windows device names",
+            argument="name",
+            rule="device_name",
+        )
+    if name.endswith("."):
+        raise InvalidArgument(
+            f"collection name {name!r} must not end with '.' (Windows drops a trailing dot)",
+            argument="name",
+            rule="trailing_dot",
+        )
+    if name.lower() in RESERVED_NAMES or _RESERVED_FORMS.search(name):
+        raise InvalidArgument(
+            f"collection name {name!r} is reserved: it is (or looks like) a file the index"
+            " keeps on disk (index, LOCK, manifest, manifest.json, reindex, *.tmp, *.corrupt,"
+            " quarantine-*, snapshot and WAL file names; any case)",
+            argument="name",
+            rule="reserved_file_name",
         )
     return name
 

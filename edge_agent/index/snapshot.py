@@ -18,6 +18,7 @@ ids and labels must all be consistent, and its live labels must be exactly our i
 
 from __future__ import annotations
 
+import errno
 import math
 import mmap
 import os
@@ -40,6 +41,7 @@ __all__ = [
     "GraphSource",
     "LoadedSnapshot",
     "SnapshotState",
+    "check_hnsw_complete",
     "graph_bytes",
     "load_snapshot",
     "pack_body",
@@ -60,6 +62,8 @@ _DELETE_MARK = 0x01  # hnswlib keeps it in byte 2 of an element's level-0 link h
 _NO_ENTRY = 0xFFFFFFFF
 _CHUNK = 8 << 20
 _MAX_LEVEL = 64  # levels are ~log_M(n): 64 is far beyond any real index
+# A short graph file with less than this free on its filesystem is blamed on a full disk.
+_SHORT_WRITE_FREE_BYTES = 4 << 20
 
 
 def snapshot_paths(directory: Path, gen: int) -> tuple[Path, Path]:
@@ -206,6 +210,43 @@ def graph_bytes(elements: int, dim: int, m: int) -> int:
     return int(elements * (level0 + (4 + 4 * m) / max(m - 1, 1) + 4))
 
 
+def check_hnsw_complete(path: Path, elements: int) -> None:
+    """Raise OSError unless ``path`` is a whole hnswlib graph file of ``elements`` elements.
+
+    hnswlib's save_index writes through an unchecked std::ofstream: on a full disk it leaves a
+    short file and returns as if it had succeeded. The file's CRC would then be taken of the
+    short bytes and the snapshot committed; with keep_snapshots=1 the WAL it replaces would be
+    deleted. So the sizes it wrote are walked here, before anything trusts the file."""
+    size = path.stat().st_size
+    position = -1
+    if size >= _HNSW_HEADER.size:
+        with (
+            path.open("rb") as handle,
+            mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mm,
+        ):
+            fields = _HNSW_HEADER.unpack_from(mm, 0)
+            count, per_element = int(fields[2]), int(fields[3])
+            if count == elements:
+                position = _HNSW_HEADER.size + count * per_element
+                for _ in range(count):  # upper-level link lists: u32 size, then the bytes
+                    if position + 4 > size:
+                        position = -1
+                        break
+                    (nbytes,) = struct.unpack_from("<I", mm, position)
+                    position += 4 + nbytes
+    if position == size:
+        return
+    # ofstream does not say why; a nearly full filesystem is by far the likeliest reason, and
+    # the only one the caller can fix, so report it as such (INDEX_FULL) when it fits.
+    stat = os.statvfs(path.parent)
+    full = stat.f_bavail * stat.f_frsize < _SHORT_WRITE_FREE_BYTES
+    raise OSError(
+        errno.ENOSPC if full else errno.EIO,
+        f"hnswlib wrote an incomplete graph file ({size} bytes)"
+        + (" on a full disk" if full else ""),
+    )
+
+
 def write_snapshot(
     directory: Path, gen: int, index: GraphSource, state: SnapshotState, dim: int
 ) -> int:
@@ -218,6 +259,8 @@ def write_snapshot(
     meta_tmp = meta_path.with_name(f".{meta_path.name}{TMP_SUFFIX}")
     try:
         index.save_index(str(hnsw_tmp))
+        if not isinstance(index, GraphCopy):  # hnswlib wrote it, unchecked
+            check_hnsw_complete(hnsw_tmp, int(index.element_count))
         fd = os.open(hnsw_tmp, os.O_RDONLY)
         try:
             hnsw_crc, hnsw_size = _file_crc(fd)

@@ -13,7 +13,7 @@ from .collection import Collection
 from .config import IndexConfig
 from .fingerprint import ModelFingerprint
 from .fsutil import TMP_SUFFIX, fsync_dir
-from .manifest import MANIFEST_NAME, validate_collection_name
+from .manifest import MANIFEST_NAME, validate_collection_name, validate_new_collection_name
 
 __all__ = ["IndexStore"]
 
@@ -43,8 +43,10 @@ class IndexStore:
         return (self.path_of(name) / MANIFEST_NAME).is_file()
 
     def create(self, name: str, fingerprint: ModelFingerprint) -> Collection:
+        """A new collection (INVALID_ARGUMENT for a reserved name, see
+        manifest.validate_new_collection_name; INDEX_FULL if the disk is full)."""
         with self._lock:
-            path = self.path_of(name)
+            path = self.root / validate_new_collection_name(name)
             if name in self._open or path.exists():
                 raise CollectionExists(f"collection {name!r} already exists", name=name)
             collection = Collection.create(path, fingerprint, self.config, name=name)
@@ -59,10 +61,9 @@ class IndexStore:
                 return collection
             path = self.path_of(name)
             if not (path / MANIFEST_NAME).is_file() and not path.is_dir():
-                known = ", ".join(self.names()) or "none"
-                raise CollectionNotFound(
-                    f"no collection {name!r} in {self.root} (known: {known})", name=name
-                )
+                # Neither the root nor the other collections' names: the message reaches
+                # remote clients (`collections list` is the way to see what exists).
+                raise CollectionNotFound(f"no collection {name!r}", name=name)
             collection = Collection.open(path, self.config)
             self._open[name] = collection
             return collection
@@ -71,6 +72,10 @@ class IndexStore:
         """The handle for ``name`` if it is open already, else None; never blocks (a single
         dict read, atomic under the GIL), so an event loop may call it."""
         return self._open.get(name)
+
+    def open_names(self) -> list[str]:
+        """Names of the collections open now; never blocks (one atomic copy of a dict)."""
+        return list(self._open)
 
     def get_or_create(self, name: str, fingerprint: ModelFingerprint) -> Collection:
         try:
@@ -82,13 +87,21 @@ class IndexStore:
                 return self.open(name)
 
     def close(self, name: str | None = None) -> None:
-        """Close one collection, or all of them."""
+        """Close one collection, or all of them: every one is closed even if closing another
+        fails (its lock released); then the first failure is raised."""
         with self._lock:
             names = [name] if name is not None else list(self._open)
+            failure: BaseException | None = None
             for each in names:
                 collection = self._open.pop(each, None)
-                if collection is not None:
+                if collection is None:
+                    continue
+                try:
                     collection.close()
+                except Exception as exc:
+                    failure = failure or exc
+            if failure is not None:
+                raise failure
 
     def drop(self, name: str) -> None:
         """Delete a collection and its files (renamed away first, so a crash never leaves a

@@ -15,7 +15,6 @@ All integers are little-endian.
 
 from __future__ import annotations
 
-import errno
 import logging
 import mmap
 import os
@@ -30,8 +29,15 @@ from typing import Any
 
 import msgpack
 
-from ..errors import EdgeAgentError, IndexCorrupt, IndexFull
-from .fsutil import TMP_SUFFIX, fsync_dir, fsync_fd
+from ..errors import EdgeAgentError, IndexCorrupt
+from .fsutil import (
+    DISK_FULL_ERRNOS,
+    TMP_SUFFIX,
+    describe_error,
+    fsync_dir,
+    fsync_fd,
+    index_full,
+)
 
 __all__ = [
     "MAX_RECORD",
@@ -86,13 +92,20 @@ def create_segment(directory: Path, base_lsn: int, info: dict[str, Any]) -> Path
     header = _SEGMENT_HEADER.pack(SEGMENT_MAGIC, SEGMENT_VERSION, len(packed), zlib.crc32(packed))
     path = directory / segment_name(base_lsn)
     tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.write(fd, header + packed)
-        fsync_fd(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(header + packed)
+            while view:
+                view = view[os.write(fd, view) :]
+            fsync_fd(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        # A half-written temp file would hold space on a full disk until the next open.
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(directory)
     return path
 
@@ -265,7 +278,11 @@ class WalWriter:
         never sit in the middle of the log once later appends succeed.
         """
         if self._sync_error is not None:
-            raise EdgeAgentError(f"WAL {self.path}: an earlier fsync failed: {self._sync_error}")
+            where = f"{self.path.parent.name}/{self.path.name}"
+            raise EdgeAgentError(
+                f"WAL {where}: an earlier write or fsync failed"
+                f" ({describe_error(self._sync_error)}); reopen the collection"
+            )
         before = self.size
         try:
             view = memoryview(record)
@@ -280,9 +297,14 @@ class WalWriter:
             except OSError:
                 # The log may now hold a partial record: no later append may follow it.
                 self._sync_error = exc
-            if exc.errno == errno.ENOSPC:
-                raise IndexFull(f"disk full writing {self.path}", path=str(self.path)) from exc
-            raise EdgeAgentError(f"cannot write {self.path}: {exc}", path=str(self.path)) from exc
+            # Named relative to the index root (collection/segment): the message reaches
+            # clients, which must not learn server paths.
+            where = f"{self.path.parent.name}/{self.path.name}"
+            if exc.errno in DISK_FULL_ERRNOS:
+                raise index_full(exc, f"append to the WAL {where}") from exc
+            raise EdgeAgentError(
+                f"cannot write the WAL {where}: {describe_error(exc)}", segment=where
+            ) from exc
         self.size = before + len(record)
         if self.policy == "batch":
             with self._cond:

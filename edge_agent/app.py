@@ -53,6 +53,9 @@ class ServeOptions:
     max_message_bytes: int = 8 << 20
     max_connections: int = 64
     max_queue: int = 256
+    # The engine call scheduler: slices, query priority, deadlines, liveness (max_queue above
+    # wins over its own).
+    service: ServiceConfig = field(default_factory=ServiceConfig)
     # How long a stop waits for in-flight requests before answering them SHUTTING_DOWN.
     shutdown_grace: float = 10.0
     # Run llama.cpp in a child process (edge_agent.worker): an engine abort then fails the
@@ -74,6 +77,15 @@ class ServeOptions:
     auth_token_file: Path | None = None  # the token's file (0600); env EDGE_AGENT_TOKEN also
     auth_token: str | None = None  # resolved token; wins over auth_token_file
     auth_timeout: float = 10.0  # seconds a TCP peer has to authenticate before it is dropped
+    # Pre-auth admission (edge_agent.server): a TCP peer that must authenticate is dropped if
+    # it sends nothing for first_byte_timeout seconds; at most max_preauth_per_source such
+    # connections per source address and max_preauth_connections in all.
+    first_byte_timeout: float = 3.0
+    max_preauth_connections: int = 16
+    max_preauth_per_source: int = 8
+    # Seconds a connection (Unix, or authenticated TCP) may stay idle before it is closed; 0:
+    # never (idle ones still make room for new clients when every slot is taken).
+    idle_timeout: float = 300.0
     # Announce the TCP endpoint on the LAN with zeroconf (edge_agent.discovery); needs listen.
     advertise: bool = False
     advertise_interfaces: tuple[str, ...] = ()  # addresses/interfaces to announce on; () = all
@@ -249,7 +261,7 @@ async def run_server(
         ),
     )
     try:
-        service = Service(embedder, ServiceConfig(max_queue=options.max_queue))
+        service = Service(embedder, replace(options.service, max_queue=options.max_queue))
     except BaseException:
         embedder.close()
         raise
@@ -270,6 +282,10 @@ async def run_server(
         tcp=tcp,
         auth_token=token,
         auth_timeout=options.auth_timeout,
+        first_byte_timeout=options.first_byte_timeout,
+        max_preauth_connections=options.max_preauth_connections,
+        max_preauth_per_source=options.max_preauth_per_source,
+        idle_timeout=options.idle_timeout,
     )
     metrics: MetricsServer | None = None
     advertiser: Advertiser | None = None

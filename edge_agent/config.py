@@ -179,6 +179,19 @@ SETTINGS: tuple[Setting, ...] = (
     _s("auth_timeout", "float", 10.0,
        "seconds a TCP client has to authenticate before it is disconnected",
        low=0.1, high=600, env="EDGE_AGENT_AUTH_TIMEOUT"),
+    _s("first_byte_timeout", "float", 3.0,
+       "seconds a TCP client that must authenticate has to send its first bytes",
+       low=0.1, high=600, env="EDGE_AGENT_FIRST_BYTE_TIMEOUT"),
+    _s("max_preauth_connections", "int", 16,
+       "TCP connections waiting to authenticate; when full, a newcomer displaces the oldest"
+       " of the address holding the most", low=1, high=65536,
+       env="EDGE_AGENT_MAX_PREAUTH_CONNECTIONS"),
+    _s("max_preauth_per_source", "int", 8,
+       "TCP connections waiting to authenticate from one address (IPv6: one /64); more are"
+       " refused OVERLOADED", low=1, high=65536, env="EDGE_AGENT_MAX_PREAUTH_PER_SOURCE"),
+    _s("idle_timeout", "float", 300.0,
+       "seconds a connection (Unix, or authenticated TCP) may stay idle before it is closed;"
+       " 0: never", low=0, high=86400, env="EDGE_AGENT_IDLE_TIMEOUT"),
     _s("advertise", "bool", False, "announce the TCP endpoint on the LAN (mDNS); needs listen",
        env="EDGE_AGENT_ADVERTISE", flag="--advertise"),
     _s("advertise_interfaces", "strings", (),
@@ -216,6 +229,25 @@ SETTINGS: tuple[Setting, ...] = (
        low=1, high=1 << 30, env="EDGE_AGENT_MAX_TEXT_BYTES"),
     _s("embedder.use_mmap", "bool", True, "map the model file instead of reading it",
        env="EDGE_AGENT_USE_MMAP"),
+    _s("embedder.adaptive_threads", "bool", True,
+       "use fewer llama.cpp threads while other processes keep the CPUs busy",
+       env="EDGE_AGENT_ADAPTIVE_THREADS"),
+    # -- the engine call scheduler (edge_agent.service) --------------------------------------
+    _s("engine.slice_time", "float", 0.025,
+       "seconds of engine work per call: larger requests are cut so queries can go between",
+       low=0.001, high=60, env="EDGE_AGENT_SLICE_TIME"),
+    _s("engine.query_streak", "int", 8,
+       "query calls that may run ahead of waiting document work before one of its slices runs",
+       low=1, high=1_000_000, env="EDGE_AGENT_QUERY_STREAK"),
+    _s("engine.call_deadline_floor", "float", 2.0,
+       "seconds every engine call may take, plus call_deadline_factor x its estimated work",
+       low=0.1, high=3600, env="EDGE_AGENT_CALL_DEADLINE_FLOOR"),
+    _s("engine.call_deadline_factor", "float", 10.0,
+       "multiple of a call's estimated engine time it may take before the engine is restarted",
+       low=1, high=1000, env="EDGE_AGENT_CALL_DEADLINE_FACTOR"),
+    _s("engine.liveness_interval", "float", 1.0,
+       "seconds between pings of an idle engine (no answer in call_deadline_floor: restart);"
+       " 0: off", low=0, high=3600, env="EDGE_AGENT_LIVENESS_INTERVAL"),
     # -- index -----------------------------------------------------------------------------
     _s("index.fsync", "choice", "always",
        '"always": fsync before a write returns; "batch": within batch_window_ms; "off": OS',
@@ -274,6 +306,15 @@ SETTINGS: tuple[Setting, ...] = (
 )
 # fmt: on
 _BY_KEY = {s.key: s for s in SETTINGS}
+# The [engine] settings and the ServiceConfig fields they set.
+ENGINE_SETTINGS = {
+    "engine.slice_time": "slice_s",
+    "engine.query_streak": "query_streak",
+    "engine.call_deadline_floor": "call_deadline_floor_s",
+    "engine.call_deadline_factor": "call_deadline_factor",
+    "engine.liveness_interval": "liveness_interval_s",
+}
+
 SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS if s.section))
 # Keys whose value the hardware profile supplies when the user sets none.
 PROFILE_KEYS = (
@@ -350,6 +391,7 @@ class Config:
         from .app import ServeOptions
         from .embedder import EmbedderConfig
         from .index.config import IndexConfig
+        from .service import ServiceConfig
 
         v = self.__getitem__
         threads = v("threads") if self.values["threads"].user_set else None
@@ -363,6 +405,11 @@ class Config:
             max_texts=v("embedder.max_texts"),
             max_text_bytes=v("embedder.max_text_bytes"),
             use_mmap=v("embedder.use_mmap"),
+            adaptive_threads=v("embedder.adaptive_threads"),
+        )
+        scheduler = ServiceConfig(
+            max_queue=v("limits.max_queue"),
+            **{field: v(key) for key, field in ENGINE_SETTINGS.items()},
         )
         index_fields = {s.name: v(s.key) for s in SETTINGS if s.section == "index"}
         budget = v("tune_budget")
@@ -375,6 +422,7 @@ class Config:
             max_message_bytes=v("limits.max_message_bytes"),
             max_connections=v("limits.max_connections"),
             max_queue=v("limits.max_queue"),
+            service=scheduler,
             shutdown_grace=float(v("limits.shutdown_grace")),
             override=self.override(),
             state_dir=Path(v("state_dir")),
@@ -386,6 +434,10 @@ class Config:
             # A token file, when given, wins over EDGE_AGENT_TOKEN (app.resolve_auth_token).
             auth_token=v("token") if token_file is None else None,
             auth_timeout=float(v("auth_timeout")),
+            first_byte_timeout=float(v("first_byte_timeout")),
+            max_preauth_connections=v("max_preauth_connections"),
+            max_preauth_per_source=v("max_preauth_per_source"),
+            idle_timeout=float(v("idle_timeout")),
             advertise=v("advertise"),
             advertise_interfaces=tuple(v("advertise_interfaces")),
             metrics_listen=v("metrics_listen"),

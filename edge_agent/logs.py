@@ -18,10 +18,17 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import IO, Any
 
-__all__ = ["LOG_FORMATS", "JsonFormatter", "KeyValueFormatter", "setup_logging", "under_journald"]
+__all__ = [
+    "LOG_FORMATS",
+    "JsonFormatter",
+    "KeyValueFormatter",
+    "LogLimiter",
+    "setup_logging",
+    "under_journald",
+]
 
 LOG_FORMATS = ("kv", "json")
 _SYSLOG_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
@@ -154,3 +161,54 @@ def setup_logging(
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     return handler
+
+
+class LogLimiter:
+    """At most ``burst`` lines per ``window`` seconds for each key; the rest are counted.
+
+    For lines a stranger can cause at will (a refused connection, a bad frame, a wrong token):
+    without a limit, a flood of them fills the disk or the journal. Keys are event names, a
+    fixed set chosen by the caller, never a peer's address, so the table stays small.
+
+    Nothing is dropped silently: ``allow`` tells the first line written after some were
+    dropped how many (its ``suppressed`` field), and ``flush`` returns the counts of windows
+    that ended with lines dropped and nothing written since, for one summary line each.
+    """
+
+    def __init__(
+        self, burst: int = 10, window: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if burst < 1 or not window > 0:
+            raise ValueError(f"burst must be >= 1 and window > 0, got {burst!r}, {window!r}")
+        self.burst = burst
+        self.window = window
+        self._clock = clock
+        self._keys: dict[str, list[float]] = {}  # key -> [window start, written, suppressed]
+
+    def allow(self, key: str) -> int | None:
+        """None: drop this line (it is counted). Otherwise write it, noting the returned number
+        of lines dropped before it (0 when none were)."""
+        now = self._clock()
+        state = self._keys.get(key)
+        if state is None or now - state[0] >= self.window:
+            dropped = int(state[2]) if state is not None else 0
+            self._keys[key] = [now, 1, 0]
+            return dropped
+        if state[1] < self.burst:
+            state[1] += 1
+            return 0
+        state[2] += 1
+        return None
+
+    def flush(self, everything: bool = False) -> list[tuple[str, int]]:
+        """(key, lines dropped) for each window that has ended (every window, with
+        ``everything``: at shutdown) with lines dropped; those counts are then forgotten, so
+        each is reported once."""
+        now = self._clock()
+        out: list[tuple[str, int]] = []
+        for key, state in list(self._keys.items()):
+            if everything or now - state[0] >= self.window:
+                if state[2]:
+                    out.append((key, int(state[2])))
+                del self._keys[key]
+        return out

@@ -10,6 +10,8 @@ the typed errors below; ``parse_message`` then checks the msgpack-rpc shape.
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -214,6 +216,120 @@ class Limits:
 
 # -- framing --------------------------------------------------------------------------------------
 
+# What the header check in Decoder needs to know about each MessagePack token. msgpack checks a
+# str/bin/ext length against its limits only once the payload has arrived, so a 5-byte header
+# declaring 4 GiB would make us buffer a whole message's worth of bytes before refusing it; the
+# header check reads those lengths itself. One regex passes over runs of complete tokens in C:
+# scalars, container headers, fixstr and str/bin shorter than 256 bytes. A complete token needs
+# no check (its bytes are here, within the limit), so the Python loop sees only the token the
+# regex stopped at: one cut by the end of the read, a longer str/bin, or an ext. The regex's
+# alternatives for lengths are ordered short to long, so matching a token of n bytes costs O(n)
+# and a message of tiny tokens O(bytes), like the long ones; possessive, so nothing backtracks.
+# Measured on a 2-core x86 test box: 8 MiB of texts in 64 KiB reads adds ~1 ms; the worst
+# case, 8 MiB of nothing but empty bins, ~1 s (msgpack alone: 0.1 s), once per such message.
+_LENGTH_PREFIXED = rb"(?:" + rb"|".join(rb"\x%02x.{%d}" % (n, n) for n in range(256)) + rb")"
+_FIXSTR = rb"(?:" + rb"|".join(rb"\x%02x.{%d}" % (0xA0 + n, n) for n in range(1, 32)) + rb")"
+_FIXED_TOKENS = [
+    rb"[\x00-\xa0\xc0\xc2\xc3\xe0-\xff]++",  # fixint, fixmap/fixarray headers, "", nil, bools
+    rb"[\xcc\xd0].",  # uint8, int8
+    rb"[\xcd\xd1\xdc\xde].{2}",  # uint16, int16, array16 and map16 headers
+    rb"[\xca\xce\xd2\xdd\xdf].{4}",  # float32, uint32, int32, array32 and map32 headers
+    rb"[\xcb\xcf\xd3].{8}",  # float64, uint64, int64
+    # fixstr; the lookaheads spare other tokens a try of each alternative
+    rb"(?=[\xa1-\xbf])" + _FIXSTR,
+    # bin8/str8, then bin16/str16 and bin32/str32 whose length is under 256
+    rb"(?=[\xc4-\xc6\xd9-\xdb])(?:[\xc4\xd9]|[\xc5\xda]\x00|[\xc6\xdb]\x00\x00\x00)"
+    + _LENGTH_PREFIXED,
+]
+
+
+@functools.cache
+def _fixed_run() -> re.Pattern[bytes]:
+    # Compiled on first use (a few ms): most processes never see a message cut by a read.
+    return re.compile(rb"(?:" + rb"|".join(_FIXED_TOKENS) + rb")*+", re.DOTALL)
+
+
+# Lead byte -> (bytes of the length field, bytes between that field and the payload).
+_SIZED = {
+    0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0),  # bin 8/16/32
+    0xD9: (1, 0), 0xDA: (2, 0), 0xDB: (4, 0),  # str 8/16/32
+    0xC7: (1, 1), 0xC8: (2, 1), 0xC9: (4, 1),  # ext 8/16/32 (the type byte follows the length)
+}  # fmt: skip
+_EXT = frozenset({0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8})
+
+
+class _HeaderCheck:
+    """Walks the tokens of one incomplete message and refuses, at its header, a str, bin or ext
+    whose declared length would carry the message past its limit, and any ext (unused here).
+
+    Runs only on a message still incomplete after a read (complete ones never reach it), and
+    resumes where it stopped: each byte of a message is looked at once however it is split.
+    Nesting needs no stack: MessagePack is a plain sequence of tokens, and a container header is
+    one token like any other.
+    """
+
+    __slots__ = ("carry", "message_start", "pos", "skip")
+
+    def __init__(self, message_start: int) -> None:
+        self.message_start = message_start  # stream offset of the message's first byte
+        self.pos = message_start  # stream offset of the first byte not looked at yet
+        self.skip = 0  # payload bytes still to pass over
+        self.carry = b""  # the start of a token split by the end of a read
+
+    def scan(self, data: bytes, cap: int) -> None:
+        """Look at ``data``, the stream's bytes from ``self.pos`` on; raise MessageTooLarge or
+        MalformedFrame for a header that can never be accepted."""
+        self.pos += len(data)
+        if self.skip:
+            if self.skip >= len(data):
+                self.skip -= len(data)
+                return
+            data = data[self.skip :]
+            self.skip = 0
+        if self.carry:
+            data = self.carry + data
+            self.carry = b""
+        base = self.pos - len(data)  # stream offset of data[0]
+        fixed_run = _fixed_run()
+        i, n = 0, len(data)
+        while i < n:
+            i = fixed_run.match(data, i).end()  # type: ignore[union-attr]  # * always matches
+            if i >= n:
+                return
+            lead = data[i]
+            sized = _SIZED.get(lead)
+            if sized is None:
+                if lead == 0xC1:
+                    raise MalformedFrame("undecodable message (byte 0xc1 is never used)")
+                if lead in _EXT:
+                    raise MalformedFrame("undecodable message (extension types are not used)")
+                break  # a fixed-size token cut by the end of the read
+            width, gap = sized
+            if i + 1 + width > n:
+                break  # the length field is not all here yet
+            length = int.from_bytes(data[i + 1 : i + 1 + width], "big")
+            end = i + 1 + width + gap + length  # offset in data just past the payload
+            if base + end - self.message_start > cap:
+                raise MessageTooLarge(
+                    f"message over {cap} bytes (a {_TOKEN_NAMES[lead]} of {length} bytes"
+                    f" declared at byte {base + i - self.message_start})",
+                    limit=cap,
+                    declared=length,
+                )
+            if lead in _EXT:
+                raise MalformedFrame("undecodable message (extension types are not used)")
+            if end > n:
+                self.skip = end - n
+                return
+            i = end
+        self.carry = data[i:]
+
+
+_TOKEN_NAMES = {
+    0xC4: "bin", 0xC5: "bin", 0xC6: "bin", 0xD9: "str", 0xDA: "str", 0xDB: "str",
+    0xC7: "ext", 0xC8: "ext", 0xC9: "ext",
+}  # fmt: skip
+
 
 class Decoder:
     """Untrusted bytes in, msgpack objects out; one per connection, dropped after any error.
@@ -223,6 +339,10 @@ class Decoder:
     array element by element, so its buffer alone would let one endless message through.
     A reader that never reads more than ``room()`` bytes can tell "one message is too large"
     (room 0 while a message is incomplete) from "several messages arrived at once".
+
+    Declared sizes are checked at their headers, before their bytes arrive: arrays and maps by
+    msgpack (``max_array_len``, ``max_map_len``: MalformedFrame), str/bin/ext lengths here
+    (``_HeaderCheck``: MessageTooLarge when the payload would end past the current limit).
     """
 
     def __init__(self, limits: Limits | None = None) -> None:
@@ -242,6 +362,11 @@ class Decoder:
         self._fed = 0  # bytes fed since the start of the stream
         self._message_start = 0  # stream offset where the incomplete message begins
         self._broken = False
+        # Bytes fed since the last drain (references, not copies), starting at stream offset
+        # _unchecked_start: what the header check has not seen yet if a message is left open.
+        self._unchecked: list[bytes] = []
+        self._unchecked_start = 0
+        self._check: _HeaderCheck | None = None
 
     @property
     def pending_bytes(self) -> int:
@@ -268,12 +393,16 @@ class Decoder:
         except msgpack.BufferFull:
             raise self._too_large() from None
         self._fed += len(data)
+        if data:
+            # A reference, not a copy; a caller's mutable buffer is copied, as the unpacker did.
+            self._unchecked.append(data if isinstance(data, bytes) else bytes(data))
 
     def feed_iter(self, data: bytes, limit: Callable[[], int] | None = None) -> Iterator[Any]:
         """Feed ``data`` and yield each complete message as it appears, never buffering more of
         one message than the limit: ``limit()`` if given (read again before each piece, so it
         may change between messages, as a connection's does at auth), else max_message_bytes.
-        Raises MessageTooLarge as soon as an incomplete message reaches the limit."""
+        Raises MessageTooLarge as soon as an incomplete message reaches the limit, or declares
+        a str/bin longer than the limit leaves room for."""
         offset = 0
         while offset < len(data):
             cap = limit() if limit is not None else self.limits.max_message_bytes
@@ -283,20 +412,24 @@ class Decoder:
             piece = data[offset : offset + room] if offset or room < len(data) else data
             self.feed(piece)
             offset += len(piece)
-            yield from self
+            yield from self._drain(limit)
         cap = limit() if limit is not None else self.limits.max_message_bytes
         if self.pending_bytes >= cap:
             raise self._too_large(cap)
 
     def __iter__(self) -> Iterator[Any]:
-        """Every complete message buffered so far; raises MalformedFrame on bad bytes."""
+        """Every complete message buffered so far; raises MalformedFrame on bad bytes, and
+        MessageTooLarge for a declared str/bin/ext length beyond max_message_bytes."""
+        return self._drain(None)
+
+    def _drain(self, limit: Callable[[], int] | None) -> Iterator[Any]:
         if self._broken:
             raise MalformedFrame("decoder used after an error")
         while True:
             try:
                 obj = next(self._unpacker)
             except StopIteration:
-                return
+                break
             except Exception as exc:
                 # The unpacker's state is undefined after any error (ValueError for a declared
                 # length over a limit, FormatError, StackError, UnicodeDecodeError, ...):
@@ -309,6 +442,31 @@ class Decoder:
                 raise MalformedFrame(f"undecodable message ({reason})") from None
             self._message_start = self._unpacker.tell()
             yield obj
+        self._check_headers(limit)
+
+    def _check_headers(self, limit: Callable[[], int] | None) -> None:
+        """Run the header check over the bytes of the message left incomplete, if any."""
+        chunks, start = self._unchecked, self._unchecked_start
+        self._unchecked, self._unchecked_start = [], self._fed
+        if self.pending_bytes == 0:
+            self._check = None  # the common case: every message arrived whole
+            return
+        check = self._check
+        if check is None or check.message_start != self._message_start:
+            # A message that began after the last drain: all of its bytes are in ``chunks``.
+            check = self._check = _HeaderCheck(self._message_start)
+        cap = limit() if limit is not None else self.limits.max_message_bytes
+        skip = check.pos - start  # bytes of ``chunks`` before the check's position
+        try:
+            for chunk in chunks:
+                if skip >= len(chunk):
+                    skip -= len(chunk)
+                    continue
+                check.scan(chunk[skip:] if skip else chunk, cap)
+                skip = 0
+        except ProtocolError:
+            self._broken = True
+            raise
 
 
 # -- messages -------------------------------------------------------------------------------------

@@ -145,9 +145,11 @@ class ServiceConfig:
             raise InvalidArgument(f"max_queue must be in [1, 1000000], got {self.max_queue!r}")
         if not 0 <= self.batch_window_s <= 1:
             raise InvalidArgument(f"batch_window_s must be in [0, 1], got {self.batch_window_s!r}")
-        if self.batch_max_texts < 1 or self.reservoir_size < 1 or self.query_streak < 1:
+        if self.batch_max_texts < 1 or self.reservoir_size < 1:
+            raise InvalidArgument("batch_max_texts and reservoir_size must be positive")
+        if not 1 <= self.query_streak <= 1_000_000:
             raise InvalidArgument(
-                "batch_max_texts, reservoir_size and query_streak must be positive"
+                f"query_streak must be in [1, 1000000], got {self.query_streak!r}"
             )
         for name, low, high in (
             ("slice_s", 0.001, 60.0),

@@ -15,6 +15,7 @@ import pytest
 
 from edge_agent.app import ServeOptions
 from edge_agent.config import (
+    ENGINE_SETTINGS,
     SETTINGS,
     Flag,
     config_template,
@@ -287,6 +288,8 @@ def _targets() -> dict[str, Any]:
             targets[setting.key] = lambda v, f=field: EmbedderConfig(**{f: v})
     targets["threads"] = lambda v: (EmbedderConfig(threads=v), Override(threads=v))
     targets["limits.max_queue"] = lambda v: ServiceConfig(max_queue=v)
+    for key, field_name in ENGINE_SETTINGS.items():
+        targets[key] = lambda v, f=field_name: ServiceConfig(**{f: v})
     return targets
 
 
@@ -327,7 +330,9 @@ def test_every_option_of_the_daemon_is_a_setting() -> None:
     selected = {"threads", "flash_attention", "use_mlock", "max_sequence_tokens"}
     embedder_fields = {f.name for f in dataclasses.fields(EmbedderConfig)} - selected
     assert {f"embedder.{name}" for name in embedder_fields} <= keys
-    internal = {"isolate_engine", "select_model", "override", "quant", "embedder", "index"}
+    internal = {
+        "isolate_engine", "select_model", "override", "quant", "embedder", "index", "service"
+    }
     renamed = {
         "socket_path": "socket",
         "auth_token_file": "token_file",

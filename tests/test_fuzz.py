@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from edge_agent.client import Client, parse_address
 from edge_agent.models import ModelStore
-from edge_agent.protocol import ARGUMENTS, encode_request
+from edge_agent.protocol import ARGUMENTS, ProtocolCode, encode_request
+from edge_agent.server import PREAUTH_MAX_BYTES
 
 TOKEN = "fuzz-token-0123456789abcdef"
 FUZZ = settings(
@@ -117,6 +118,40 @@ def test_known_hostile_frames(
     before = rss_mb()
     exchange((unix if transport == "unix" else tcp)(daemon), payload)
     assert rss_mb() - before < 64  # no allocation from a declared length
+    still_serving(bystander)
+
+
+@pytest.mark.parametrize("header", [b"\xdb\xff\xff\xff\xff", b"\xc6\xff\xff\xff\xff"],
+                         ids=["str32", "bin32"])  # fmt: skip
+@pytest.mark.parametrize("transport", ["unix", "tcp-before-auth", "tcp-after-auth"])
+def test_declared_lengths_are_refused_at_the_header(
+    daemon: ServerThread, bystander: Client, header: bytes, transport: str
+) -> None:
+    """A 5-byte header declaring 4 GiB gets MESSAGE_TOO_LARGE at once, on every transport and
+    before or after auth, with the limit that applies there; nothing more is read."""
+    sock = unix(daemon) if transport == "unix" else tcp(daemon)
+    limit = daemon.options.max_message_bytes
+    if transport == "tcp-before-auth":
+        limit = PREAUTH_MAX_BYTES
+    elif transport == "tcp-after-auth":
+        sock.sendall(encode_request(1, "auth", {"token": TOKEN}))
+        unpacker = msgpack.Unpacker(raw=False)
+        sock.settimeout(5.0)
+        while not (replies := list(unpacker)):
+            unpacker.feed(sock.recv(65536))
+        assert replies[0][2] is None  # authenticated
+    sock.settimeout(5.0)
+    sock.sendall(header)  # no shutdown: the daemon must not wait for more
+    unpacker = msgpack.Unpacker(raw=False)
+    try:
+        while chunk := sock.recv(65536):
+            unpacker.feed(chunk)
+    finally:
+        sock.close()
+    (notice,) = list(unpacker)
+    code, _name, _message, data = notice[2][0]["error"]
+    assert code == ProtocolCode.MESSAGE_TOO_LARGE
+    assert data == {"limit": limit, "declared": 2**32 - 1}
     still_serving(bystander)
 
 

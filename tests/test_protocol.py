@@ -152,17 +152,147 @@ def test_feed_iter_takes_a_read_of_any_size_message_by_message() -> None:
         list(Decoder(Limits(max_message_bytes=2048)).feed_iter(big))
 
 
-@pytest.mark.parametrize("header", [b"\xdb\xff\xff\xff\xff", b"\xc6\xff\xff\xff\xff"])
-def test_huge_declared_string_waits_then_is_too_large(header: bytes) -> None:
-    # msgpack waits for a string's bytes before allocating it, and they never fit the limit.
-    limits = Limits(max_message_bytes=4096)
+_SIZED_HEADERS = {
+    "str8": (b"\xd9", 1),
+    "str16": (b"\xda", 2),
+    "str32": (b"\xdb", 4),
+    "bin8": (b"\xc4", 1),
+    "bin16": (b"\xc5", 2),
+    "bin32": (b"\xc6", 4),
+}
+
+
+def _feed_bytewise(decoder: Decoder, data: bytes) -> list[Any]:
+    """Feed one byte at a time, draining after each: the slowest possible peer."""
+    out: list[Any] = []
+    for byte in data:
+        out.extend(decoder.feed_iter(bytes([byte])))
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(_SIZED_HEADERS))
+def test_declared_str_or_bin_length_is_refused_at_the_header(kind: str) -> None:
+    # msgpack only checks a str/bin length once its bytes have arrived: the decoder reads the
+    # header itself and refuses a payload that could never fit, before buffering any of it.
+    lead, width = _SIZED_HEADERS[kind]
+    limits = Limits(max_message_bytes=200)
+    declared = 2 ** (8 * width) - 1 if width > 1 else 255
+    header = lead + declared.to_bytes(width, "big")
     decoder = Decoder(limits)
-    decoder.feed(header)
-    assert list(decoder) == []
-    decoder.feed(b"z" * decoder.room())
-    assert list(decoder) == []
-    with pytest.raises(MessageTooLarge):
-        decoder.feed(b"z")
+    assert _feed_bytewise(decoder, header[:-1]) == []  # the length is not known yet
+    with pytest.raises(MessageTooLarge) as info:
+        list(decoder.feed_iter(header[-1:]))
+    assert info.value.code == ProtocolCode.MESSAGE_TOO_LARGE
+    assert info.value.data == {"limit": 200, "declared": declared}
+    assert decoder.pending_bytes == len(header)  # refused with no payload byte buffered
+    with pytest.raises(MalformedFrame):  # and never reused
+        decoder.feed(b"\x01")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param(b"\xc7\xff\x01", id="ext8"),
+        pytest.param(b"\xc8\xff\xff\x01", id="ext16"),
+        pytest.param(b"\xc9\xff\xff\xff\xff\x01", id="ext32"),
+    ],
+)
+def test_declared_ext_length_is_refused_at_the_header(header: bytes) -> None:
+    decoder = Decoder(Limits(max_message_bytes=200))
+    with pytest.raises((MessageTooLarge, MalformedFrame)):
+        _feed_bytewise(decoder, header)
+    assert decoder.pending_bytes <= len(header)
+
+
+def test_ext_that_would_fit_is_malformed_at_its_header() -> None:
+    # Extension types are not part of the protocol: no need to wait for the payload either.
+    decoder = Decoder(Limits(max_message_bytes=200))
+    with pytest.raises(MalformedFrame):
+        _feed_bytewise(decoder, b"\x92\x01\xc7\x10")
+
+
+@pytest.mark.parametrize("kind", sorted(_SIZED_HEADERS))
+def test_a_declared_length_that_just_fits_is_waited_for(kind: str) -> None:
+    # The check counts the header's position: a payload ending exactly at the limit is fine,
+    # one byte more is refused at the header.
+    lead, width = _SIZED_HEADERS[kind]
+    prefix = b"\x94\x00\x01\xa5embed\x91\x81\xa5texts\x91"
+    is_str = lead in (b"\xd9", b"\xda", b"\xdb")
+    for extra in (0, 1):
+        limit = 300 if width > 1 else 255 + len(prefix) + 2
+        length = limit - len(prefix) - 1 - width + extra
+        if width == 1 and length > 255:
+            continue  # str8/bin8 cannot declare more than 255
+        header = prefix + lead + length.to_bytes(width, "big")
+        decoder = Decoder(Limits(max_message_bytes=limit))
+        if extra:
+            with pytest.raises(MessageTooLarge):
+                _feed_bytewise(decoder, header)
+            continue
+        assert _feed_bytewise(decoder, header) == []
+        payload = (b"x" if is_str else b"\x00") * length
+        (message,) = list(decoder.feed_iter(payload))
+        assert len(header) + len(payload) == limit
+        assert message[3][0]["texts"][0] == (payload.decode() if is_str else payload)
+
+
+def test_headers_are_checked_against_the_limit_of_the_moment() -> None:
+    """What a TCP connection does: 4 KiB before auth, the full limit after."""
+    limit = [4096]
+    str32_1mib = b"\xdb" + (1 << 20).to_bytes(4, "big")
+    hello = encode_request(1, "hello", {"client": "c"})
+    decoder = Decoder(Limits(max_message_bytes=2 << 20))
+    # Before "auth": a 1 MiB string is refused as soon as its header is here.
+    with pytest.raises(MessageTooLarge) as info:
+        list(decoder.feed_iter(hello + b"\x94\x00\x02\xa5hello\x91\x81\xa1x" + str32_1mib,
+                               lambda: limit[0]))  # fmt: skip
+    assert info.value.data["limit"] == 4096
+    # After it: the same header is fine, and the message decodes when its bytes arrive.
+    decoder = Decoder(Limits(max_message_bytes=2 << 20))
+    seen = list(decoder.feed_iter(hello, lambda: limit[0]))
+    limit[0] = 2 << 20
+    head = b"\x94\x00\x02\xa5hello\x91\x81\xa1x" + str32_1mib
+    assert list(decoder.feed_iter(head, lambda: limit[0])) == []
+    body = b"y" * (1 << 20)
+    for start in range(0, len(body), 65536):
+        seen += decoder.feed_iter(body[start : start + 65536], lambda: limit[0])
+    assert [m[1] for m in seen] == [1, 2] and len(seen[1][3][0]["x"]) == 1 << 20
+
+
+_WIRE_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=300)
+    | st.binary(max_size=70_000).filter(lambda b: len(b) < 300 or len(b) > 65_000)
+    | st.sampled_from(["", "x" * 31, "y" * 32, "z" * 255, "w" * 256, "v" * 65_536]),
+    lambda children: st.lists(children, max_size=6)
+    | st.dictionaries(st.text(max_size=8), children, max_size=6),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    values=st.lists(_WIRE_VALUES, min_size=1, max_size=4),
+    cuts=st.lists(st.integers(min_value=1, max_value=70_000), min_size=1, max_size=40),
+)
+def test_header_check_never_refuses_a_valid_stream(values: list[Any], cuts: list[int]) -> None:
+    # The check walks the tokens of incomplete messages itself: however a valid stream is cut,
+    # it must stay aligned with msgpack and decode exactly what msgpack does.
+    stream = b"".join(msgpack.packb(v, use_bin_type=True) for v in values)
+    largest = max(len(msgpack.packb(v, use_bin_type=True)) for v in values)
+    decoder = Decoder(Limits(max_message_bytes=max(64, largest)))
+    out: list[Any] = []
+    offset, index = 0, 0
+    while offset < len(stream):
+        step = cuts[index % len(cuts)]
+        index += 1
+        out.extend(decoder.feed_iter(stream[offset : offset + step]))
+        offset += step
+    assert out == values
+    assert decoder.pending_bytes == 0
 
 
 def test_one_endless_message_is_too_large_even_if_streamed() -> None:

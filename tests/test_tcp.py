@@ -148,24 +148,35 @@ def test_pipelined_auth_then_call_in_one_write(daemon: ServerThread) -> None:
 def test_preauth_oversize_gets_message_too_large(daemon: ServerThread) -> None:
     sock = _raw(daemon.tcp_address)
     try:
-        # A declared 1 MiB str header: over the pre-auth limit however few bytes follow.
+        # A declared 1 MiB str header: over the pre-auth limit however few bytes follow. Only
+        # the header is sent: it is refused at once, not after 4 KiB or at the auth timeout.
         sock.sendall(b"\x94\x00\x01\xa5hello\x91\x81\xa6client\xdb" + (1 << 20).to_bytes(4, "big"))
-        sock.sendall(b"x" * (PREAUTH_MAX_BYTES + 100))
-    except OSError:
-        pass
-    try:
+        started = time.monotonic()
         replies = _read_all(sock)
-    except ConnectionResetError:
-        replies = []
     finally:
         sock.close()
-    # Either the error notification arrived before the close, or the close was a reset (the
-    # kernel resets a connection closed with unread bytes); never a reply, never a hang.
-    if replies:
-        notice = replies[-1]
-        assert notice[0] == 2 and notice[2][0]["error"][0] == ProtocolCode.MESSAGE_TOO_LARGE  # type: ignore[index]
+    assert time.monotonic() - started < 1.0  # well before the 1.5 s auth timeout
+    (notice,) = replies
+    assert notice[0] == 2  # type: ignore[index]
+    code, _name, _message, data = notice[2][0]["error"]  # type: ignore[index]
+    assert code == ProtocolCode.MESSAGE_TOO_LARGE
+    assert data == {"limit": PREAUTH_MAX_BYTES, "declared": 1 << 20}
+    # Bytes beyond the pre-auth limit are refused too, whatever their shape.
+    sock = _raw(daemon.tcp_address)
+    try:
+        try:
+            sock.sendall(b"\x94\x00\x01\xa5hello\x91\xdc\xff\xff" + b"\x01" * PREAUTH_MAX_BYTES)
+        except OSError:
+            pass
+        try:
+            replies = _read_all(sock)
+        except ConnectionResetError:
+            replies = []  # the kernel resets a connection closed with unread bytes
+    finally:
+        sock.close()
+    assert all(m[0] == 2 for m in replies)  # type: ignore[index]
     with Client(daemon.tcp_address, timeout=30.0, token=TOKEN) as c:
-        assert c.stats()["transport"]["protocol_errors"] >= 1
+        assert c.stats()["transport"]["protocol_errors"] >= 2
 
 
 def test_silent_peers_are_dropped_after_the_auth_timeout(daemon: ServerThread) -> None:
@@ -312,23 +323,66 @@ def test_message_too_large_after_auth_uses_the_full_limit(daemon: ServerThread) 
             c.embed(["x" * (2 << 20)])
 
 
-def test_unauthenticated_connections_are_capped(daemon: ServerThread) -> None:
-    limit = Client(daemon.socket_path).hello()["limits"]["max_preauth_connections"]
-    assert limit == 16
-    waiting = [_raw(daemon.tcp_address) for _ in range(limit)]
+def _connect_from(source: str, address: str) -> socket.socket:
+    """A TCP connection from a second loopback address (all of 127.0.0.0/8 is on lo)."""
+    endpoint = parse_address(address)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.bind((source, 0))
+    sock.connect((endpoint.host, endpoint.port))
+    return sock
+
+
+@pytest.fixture
+def patient(model_store: ModelStore, tmp_path: Path) -> Iterator[ServerThread]:
+    """A daemon with the default pre-auth limits and time to spare (auth_timeout 30 s)."""
+    options = options_for(
+        model_store, tmp_path / "run" / "s.sock", listen="127.0.0.1:0", auth_token=TOKEN,
+        auth_timeout=30.0,
+    )  # fmt: skip
+    thread = ServerThread(options).start()
+    yield thread
+    thread.stop()
+
+
+def test_unauthenticated_connections_are_capped_per_source(patient: ServerThread) -> None:
+    daemon = patient
+    with Client(daemon.socket_path) as c:
+        limits = c.hello()["limits"]
+    assert limits["max_preauth_connections"] == 16
+    assert limits["max_preauth_per_source"] == 8
+    assert limits["first_byte_timeout_s"] == 3.0 and limits["auth_timeout_s"] == 30.0
+    per_source = limits["max_preauth_per_source"]
+    waiting = [_raw(daemon.tcp_address) for _ in range(per_source)]
     try:
         # Connected is not enough: the daemon counts them once it has accepted them.
         for sock in waiting:
             sock.sendall(encode_request(1, "hello", None))
-            sock.settimeout(10)
-            assert sock.recv(65536)
+            assert sock.recv(65536)[:2] == b"\x94\x01"  # a reply: admitted
         extra = _raw(daemon.tcp_address)
         replies = _read_all(extra)
         extra.close()
-        assert replies[-1][2][0]["error"][0] == ProtocolCode.OVERLOADED  # type: ignore[index]
-        # An authenticated client is not blocked by strangers waiting to authenticate.
+        error = replies[-1][2][0]["error"]  # type: ignore[index]
+        assert error[0] == ProtocolCode.OVERLOADED
+        assert error[3] == {"limit": per_source, "reason": "preauth_per_source"}
+        # A token holder from another address is not blocked by strangers at this one...
+        other = _connect_from("127.0.0.3", daemon.tcp_address)
+        try:
+            other.sendall(
+                encode_request(1, "auth", {"token": TOKEN}) + encode_request(2, "health", None)
+            )
+            unpacker = msgpack.Unpacker(raw=False)
+            replies = []
+            while len(replies) < 2:
+                unpacker.feed(other.recv(65536))
+                replies.extend(unpacker)
+        finally:
+            other.close()
+        assert [r[2] for r in replies] == [None, None]  # type: ignore[index]
+        # ...nor is a local client.
         with Client(daemon.socket_path, timeout=30.0) as c:
             assert c.health()["status"] == "ok"
+            assert c.stats()["transport"]["preauth_connections"] == per_source
     finally:
         for sock in waiting:
             sock.close()

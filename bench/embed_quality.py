@@ -31,7 +31,7 @@ from _common import (
     unique_sentences,
 )
 
-from edge_agent.embedder import Embedder, EmbedderConfig
+from edge_agent.embedding.embedder import Embedder, EmbedderConfig
 from edge_agent.models import DEFAULT_MODEL
 from edge_agent.models.default import DEFAULT_QUANTS
 

@@ -75,7 +75,7 @@ def rss_mb() -> float:
 
 
 def _load_embedder(spec: dict[str, Any]) -> tuple[Callable[[list[str]], Any], dict[str, Any]]:
-    from edge_agent.embedder import Embedder, EmbedderConfig
+    from edge_agent.embedding.embedder import Embedder, EmbedderConfig
     from edge_agent.models import DEFAULT_MODEL, ModelStore
 
     imports = rss_mb()
@@ -234,7 +234,7 @@ def describe(spec: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--worker":
         return worker(sys.argv[2])
-    from edge_agent.embedder import EmbedderConfig
+    from edge_agent.embedding.embedder import EmbedderConfig
     from edge_agent.models import DEFAULT_MODEL
     from edge_agent.models.default import DEFAULT_QUANTS
 

@@ -84,7 +84,7 @@ def cache_key(texts: list[str], model_sha256: str, quant: str) -> str:
 
 def embed_cached(texts: list[str], threads: int) -> tuple[np.ndarray, dict[str, Any]]:
     """The default model's vectors for ``texts``, from the cache or embedded (and cached)."""
-    from edge_agent.embedder import Embedder, EmbedderConfig
+    from edge_agent.embedding.embedder import Embedder, EmbedderConfig
     from edge_agent.models import DEFAULT_MODEL, ModelStore
     from edge_agent.paths import default_paths
 

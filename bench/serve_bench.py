@@ -44,7 +44,7 @@ from _common import (
 )
 
 from edge_agent.client import AsyncClient, Client
-from edge_agent.embedder import Embedder, EmbedderConfig
+from edge_agent.embedding.embedder import Embedder, EmbedderConfig
 
 CACHE = Path.home() / ".cache" / "edge-agent" / "bench"  # bench/index_text_recall.py's cache
 

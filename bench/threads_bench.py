@@ -2,9 +2,9 @@
 
 Opens one embedder per (quant, thread count) on the default model, then runs ``--rounds``
 rounds; each round times one pass of every configuration over the tuning text set
-(edge_agent.tuning.TUNING_TEXTS), in reverse order on odd rounds. The machine is shared and
-noisy: interleaving spreads the disturbance over all configurations, and the best pass of each
-is the least disturbed one (the median is printed beside it).
+(edge_agent.selection.tuning.TUNING_TEXTS), in reverse order on odd rounds. The machine is
+shared and noisy: interleaving spreads the disturbance over all configurations, and the best
+pass of each is the least disturbed one (the median is printed beside it).
 
     python bench/threads_bench.py [--quants F32,Q8_0] [--threads 1,2,3,4] [--rounds 5]
 
@@ -21,11 +21,11 @@ from pathlib import Path
 
 from _common import machine_summary, markdown_table, open_store
 
-from edge_agent.embedder import Embedder, EmbedderConfig
+from edge_agent.embedding.embedder import Embedder, EmbedderConfig
 from edge_agent.hardware import probe_host
 from edge_agent.models import DEFAULT_MODEL
-from edge_agent.profiles import load_profiles, match_profile, threads_for
-from edge_agent.tuning import TUNING_TEXTS
+from edge_agent.selection.profiles import load_profiles, match_profile, threads_for
+from edge_agent.selection.tuning import TUNING_TEXTS
 
 
 def parse_list(text: str, kind: type) -> list:

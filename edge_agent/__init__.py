@@ -24,12 +24,12 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .client import AsyncClient, Client
-    from .discovery import browse
-    from .embedder import Embedder, EmbedderConfig, Embeddings
-    from .fleet import fleet_search
+    from .embedding.embedder import Embedder, EmbedderConfig, Embeddings
+    from .embedding.worker import ProcessEmbedder
+    from .lan.discovery import browse
+    from .lan.fleet import fleet_search
     from .models import ModelStore
     from .protocol import EmbedResult
-    from .worker import ProcessEmbedder
 
 __version__ = "0.1.0"
 
@@ -62,13 +62,13 @@ _LAZY = {
     "AsyncClient": "client",
     "Client": "client",
     "EmbedResult": "protocol",
-    "ProcessEmbedder": "worker",
-    "Embedder": "embedder",
-    "EmbedderConfig": "embedder",
-    "Embeddings": "embedder",
+    "ProcessEmbedder": "embedding.worker",
+    "Embedder": "embedding.embedder",
+    "EmbedderConfig": "embedding.embedder",
+    "Embeddings": "embedding.embedder",
     "ModelStore": "models",
-    "browse": "discovery",
-    "fleet_search": "fleet",
+    "browse": "lan.discovery",
+    "fleet_search": "lan.fleet",
 }
 
 

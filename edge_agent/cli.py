@@ -145,7 +145,7 @@ def cmd_models_verify(args: argparse.Namespace) -> int:
 
 
 def _embedder_config(args: argparse.Namespace) -> Any:
-    from .embedder import EmbedderConfig
+    from .embedding.embedder import EmbedderConfig
 
     return EmbedderConfig(threads=args.threads)
 
@@ -160,7 +160,7 @@ def _override(args: argparse.Namespace) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .app import serve
+    from .daemon.app import serve
 
     # Flags, environment, config file and the hardware profile, validated once (config.py).
     serve(_config(args, with_profile=True).serve_options())
@@ -174,8 +174,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if not args.explain:
         print(json.dumps(host.to_json(), indent=2) if args.json else describe_host(host))
         return 0
-    from .selection import explain
-    from .selftest import plan
+    from .selection.choose import explain
+    from .selection.selftest import plan
 
     selection = plan(_store(args), args.model, state_dir=_state_dir(args), override=_override(args))
     print(json.dumps(selection.to_json(), indent=2) if args.json else explain(selection))
@@ -183,7 +183,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .tuning import tune
+    from .selection.tuning import tune
 
     result = tune(
         _store(args),
@@ -207,7 +207,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         "long_text": args.long_text,
     }
     if args.local:
-        from .embedder import Embedder
+        from .embedding.embedder import Embedder
 
         with Embedder.open(
             _store(args), args.model, args.quant, _embedder_config(args)
@@ -293,7 +293,7 @@ def _agent_table(agents: list[Any]) -> str:
 
 
 def cmd_discover(args: argparse.Namespace) -> int:
-    from .discovery import browse
+    from .lan.discovery import browse
 
     agents = browse(args.timeout, interfaces=tuple(args.interface))
     if args.json:
@@ -498,21 +498,21 @@ def cmd_config_init(args: argparse.Namespace) -> int:
 
 
 def cmd_service_install(args: argparse.Namespace) -> int:
-    from .service_install import install_plan
+    from .daemon.service_install import install_plan
 
     executable = [str(Path(args.executable).absolute())] if args.executable else None
     return _run_plan(install_plan(args.platform, executable, start=not args.no_start), args)
 
 
 def cmd_service_uninstall(args: argparse.Namespace) -> int:
-    from .service_install import uninstall_plan
+    from .daemon.service_install import uninstall_plan
 
     return _run_plan(uninstall_plan(args.platform), args)
 
 
 def _run_plan(plan: Any, args: argparse.Namespace) -> int:
     """Print the plan (--dry-run) or apply it, then its notes."""
-    from .service_install import apply
+    from .daemon.service_install import apply
 
     if args.dry_run:
         print(plan.render(), end="")
@@ -526,7 +526,7 @@ def _run_plan(plan: Any, args: argparse.Namespace) -> int:
 
 def _fleet_search(args: argparse.Namespace) -> int:
     """``search --fleet``: every agent on the LAN; exit 1 when none answered."""
-    from .fleet import fleet_search
+    from .lan.fleet import fleet_search
 
     token = None
     if args.token_file:

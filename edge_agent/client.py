@@ -61,7 +61,7 @@ from .protocol import (
 )
 
 if TYPE_CHECKING:  # fleet imports this module; at run time it is imported on first use
-    from .fleet import FleetResult
+    from .lan.fleet import FleetResult
 
 __all__ = ["AsyncClient", "Client", "EmbedResult", "Endpoint", "SearchHit", "parse_address"]
 
@@ -607,9 +607,9 @@ class Client:
         interfaces: Sequence[str] = (),
     ) -> Client:
         """A client connected to the agent with this id (or unique id prefix) or instance name,
-        found on the LAN with mDNS (edge_agent.discovery). Each announced address is tried in
+        found on the LAN with mDNS (edge_agent.lan.discovery). Each announced address is tried in
         turn; the one whose ``hello`` names the same agent id wins. AgentNotFound otherwise."""
-        from .discovery import find_agent
+        from .lan.discovery import find_agent
 
         found = find_agent(agent, browse_timeout, interfaces=interfaces)
         failures: list[str] = []
@@ -630,8 +630,8 @@ class Client:
 
     @staticmethod
     def fleet_search(collection: str, **kwargs: Any) -> FleetResult:
-        """``edge_agent.fleet.fleet_search``: one query across every agent on the LAN."""
-        from .fleet import fleet_search
+        """``edge_agent.lan.fleet.fleet_search``: one query across every agent on the LAN."""
+        from .lan.fleet import fleet_search
 
         return fleet_search(collection, **kwargs)
 
@@ -942,7 +942,7 @@ class AsyncClient:
         interfaces: Sequence[str] = (),
     ) -> AsyncClient:
         """``Client.discover`` for asyncio."""
-        from .discovery import async_find_agent
+        from .lan.discovery import async_find_agent
 
         found = await async_find_agent(agent, browse_timeout, interfaces=interfaces)
         failures: list[str] = []
@@ -963,7 +963,7 @@ class AsyncClient:
 
     @staticmethod
     async def fleet_search(collection: str, **kwargs: Any) -> FleetResult:
-        """``edge_agent.fleet.async_fleet_search``."""
-        from .fleet import async_fleet_search
+        """``edge_agent.lan.fleet.async_fleet_search``."""
+        from .lan.fleet import async_fleet_search
 
         return await async_fleet_search(collection, **kwargs)

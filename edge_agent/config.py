@@ -14,7 +14,7 @@ step with ``SETTINGS``).
 
 Model-selection settings (quant, threads, batch sizes, context, profile) reach the daemon as an
 ``Override``: only what the user set is pinned; the rest is chosen at start-up from
-measurements on this box, then the hardware profile (edge_agent.selection). ``config show``
+measurements on this box, then the hardware profile (edge_agent.selection.choose). ``config show``
 reports the profile's value for those, noting that start-up tuning may refine it.
 """
 
@@ -37,10 +37,10 @@ from .errors import ConfigError
 from .paths import APP_NAME, default_paths
 
 if TYPE_CHECKING:
-    from .app import ServeOptions
+    from .daemon.app import ServeOptions
     from .hardware.host import HostInfo
-    from .profiles import Profile
-    from .selection import Override
+    from .selection.choose import Override
+    from .selection.profiles import Profile
 
 __all__ = [
     "CONFIG_ENV",
@@ -232,7 +232,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("embedder.adaptive_threads", "bool", True,
        "use fewer llama.cpp threads while other processes keep the CPUs busy",
        env="EDGE_AGENT_ADAPTIVE_THREADS"),
-    # -- the engine call scheduler (edge_agent.service) --------------------------------------
+    # -- the engine call scheduler (edge_agent.daemon.service) -------------------------------
     _s("engine.slice_time", "float", 0.025,
        "seconds of engine work per call: larger requests are cut so queries can go between",
        low=0.001, high=60, env="EDGE_AGENT_SLICE_TIME"),
@@ -374,7 +374,7 @@ class Config:
 
     def override(self) -> Override:
         """What model selection must not change: the selection settings the user set."""
-        from .selection import Override
+        from .selection.choose import Override
 
         values: dict[str, Any] = {}
         sources: dict[str, str] = {}
@@ -388,10 +388,10 @@ class Config:
     def serve_options(self) -> ServeOptions:
         """The daemon's options. Selection settings the user did not set stay unpinned (the
         Override); the index graph parameters fall back to the profile's, then the defaults."""
-        from .app import ServeOptions
-        from .embedder import EmbedderConfig
+        from .daemon.app import ServeOptions
+        from .daemon.service import ServiceConfig
+        from .embedding.embedder import EmbedderConfig
         from .index.config import IndexConfig
-        from .service import ServiceConfig
 
         v = self.__getitem__
         threads = v("threads") if self.values["threads"].user_set else None
@@ -812,7 +812,7 @@ def _apply_profile(
 ) -> tuple[Profile, tuple[str, ...]]:
     """Fill unset selection and index settings from the hardware profile (in place)."""
     from .hardware import probe_host
-    from .profiles import load_profiles, match_profile, threads_for
+    from .selection.profiles import load_profiles, match_profile, threads_for
 
     host = host or probe_host()
     profiles = profiles if profiles is not None else load_profiles()

@@ -62,8 +62,8 @@ class ErrorCode(IntEnum):
     INDEX_BUSY = 604
     INDEX_FULL = 605
     DOCUMENT_EXISTS = 606
-    # LAN discovery and fleet search (edge_agent.discovery, edge_agent.fleet): raised locally by
-    # the daemon at start or by clients, never sent on the wire.
+    # LAN discovery and fleet search (edge_agent.lan.discovery, edge_agent.lan.fleet): raised
+    # locally by the daemon at start or by clients, never sent on the wire.
     DISCOVERY_ERROR = 700
     AGENT_NOT_FOUND = 701
 

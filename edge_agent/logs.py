@@ -1,6 +1,6 @@
 """Structured logs on stderr: ``key=value`` lines (default) or one JSON object a line.
 
-Log calls in edge-agent pass their fields as ``kv(event=..., n=...)`` (edge_agent.service); the
+Log calls in edge-agent pass their fields as ``kv(event=..., n=...)`` (edge_agent.logs); the
 formatters here turn those into fields, and any other message into ``msg``. Values are ours
 (counts, names, timings), never document text or auth tokens: callers log lengths and codes.
 

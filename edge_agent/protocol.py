@@ -99,7 +99,7 @@ NOTIFICATION: Final = 2
 ERROR_NOTIFICATION: Final = "error"
 
 # Kept here rather than imported from the embedder so that clients never import llama.cpp;
-# tests/test_server.py checks they agree with edge_agent.embedder.
+# tests/test_server.py checks they agree with edge_agent.embedding.embedder.
 KINDS: Final = ("document", "query")
 LONG_TEXT_MODES: Final = ("truncate", "chunk", "error")
 

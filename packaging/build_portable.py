@@ -212,7 +212,7 @@ def step_install(args: argparse.Namespace, run: Runner) -> None:
 # -- verify -------------------------------------------------------------------------------------
 
 _CHECK_IMPORTS = """
-import json, numpy, hnswlib, llama_cpp, edge_agent, edge_agent.app, edge_agent.cli
+import json, numpy, hnswlib, llama_cpp, edge_agent, edge_agent.daemon.app, edge_agent.cli
 index = hnswlib.Index(space="cosine", dim=4)
 index.init_index(max_elements=8)
 index.add_items(numpy.eye(4, dtype="float32"))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.embedder import Embedder, EmbedderConfig
+from edge_agent.embedding.embedder import Embedder, EmbedderConfig
 from edge_agent.models import DEFAULT_MODEL, ModelStore, prepare_default
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -10,8 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edge_agent.app import ServeOptions, run_server
-from edge_agent.embedder import EmbedderConfig
+from edge_agent.daemon.app import ServeOptions, run_server
+from edge_agent.embedding.embedder import EmbedderConfig
 from edge_agent.models import DEFAULT_MODEL, ModelStore
 
 MAX_MESSAGE = 1 << 20  # small, so the oversized-frame test sends ~1 MiB, not 8

@@ -23,7 +23,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from edge_agent.discovery import Advertiser, AgentBrowser, AgentInfo, BrowseEvent
+from edge_agent.lan.discovery import Advertiser, AgentBrowser, AgentInfo, BrowseEvent
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -110,8 +110,8 @@ async def watch(args: argparse.Namespace) -> None:
 
 async def agent(args: argparse.Namespace) -> None:
     """A real daemon (``app.run_server``), advertising; SIGTERM or end of stdin stops it."""
-    from edge_agent.app import ServeOptions, run_server
-    from edge_agent.embedder import EmbedderConfig
+    from edge_agent.daemon.app import ServeOptions, run_server
+    from edge_agent.embedding.embedder import EmbedderConfig
 
     data = Path(args.data)
     options = ServeOptions(
@@ -147,8 +147,8 @@ async def agent(args: argparse.Namespace) -> None:
 async def client(args: argparse.Namespace) -> None:
     """A fleet client: browses, connects to agents by id or name, searches the fleet."""
     from edge_agent.client import AsyncClient
-    from edge_agent.discovery import async_browse
-    from edge_agent.fleet import async_fleet_search
+    from edge_agent.lan.discovery import async_browse
+    from edge_agent.lan.fleet import async_fleet_search
 
     seen: list[Any] = []
     inbox = await commands()

@@ -32,10 +32,10 @@ from lan import ROOT, Lan, namespaces_available
 
 from edge_agent import server as server_module
 from edge_agent.client import Client, parse_address
+from edge_agent.daemon.server import listen_backlog, source_of
 from edge_agent.logs import KeyValueFormatter, LogLimiter
 from edge_agent.models import ModelStore
 from edge_agent.protocol import ProtocolCode, encode_request
-from edge_agent.server import listen_backlog, source_of
 
 TOKEN = "admission-token-0123456789abcdef"
 HELLO = encode_request(1, "hello", {"client": "flood"})

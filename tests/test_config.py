@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from edge_agent.app import ServeOptions
 from edge_agent.config import (
     ENGINE_SETTINGS,
     SETTINGS,
@@ -22,14 +21,15 @@ from edge_agent.config import (
     load_config,
     reference_table,
 )
-from edge_agent.embedder import EmbedderConfig
+from edge_agent.daemon.app import ServeOptions
+from edge_agent.daemon.service import ServiceConfig
+from edge_agent.embedding.embedder import EmbedderConfig
 from edge_agent.errors import ConfigError, ErrorCode, InvalidArgument
 from edge_agent.hardware.cpu import CpuInfo
 from edge_agent.hardware.host import HostInfo
 from edge_agent.index.config import IndexConfig
-from edge_agent.profiles import load_profiles
-from edge_agent.selection import Override
-from edge_agent.service import ServiceConfig
+from edge_agent.selection.choose import Override
+from edge_agent.selection.profiles import load_profiles
 
 REPO = Path(__file__).resolve().parent.parent
 PI4 = HostInfo(

@@ -343,7 +343,7 @@ def test_a_damaged_collection_is_reported_and_the_rest_serve(
 def test_start_up_prefers_the_quant_the_collections_were_made_with(
     model_store: ModelStore, tmp_path: Path
 ) -> None:
-    from edge_agent.app import _quant_of_collections
+    from edge_agent.daemon.app import _quant_of_collections
 
     manifest = model_store.get(DEFAULT_MODEL)
     index_dir = tmp_path / "index"

@@ -21,7 +21,8 @@ import pytest
 from lan import Host, Lan, Proc, namespaces_available
 from zeroconf import ServiceInfo
 
-from edge_agent.discovery import (
+from edge_agent.errors import AgentNotFound, DiscoveryError, ErrorCode, InvalidArgument
+from edge_agent.lan.discovery import (
     SERVICE_TYPE,
     AgentInfo,
     DiscoveredAgent,
@@ -30,7 +31,6 @@ from edge_agent.discovery import (
     match_agent,
     resolve_interfaces,
 )
-from edge_agent.errors import AgentNotFound, DiscoveryError, ErrorCode, InvalidArgument
 from edge_agent.models import ModelStore
 
 TXT_KEYS = {"txtvers", "proto", "id", "model", "dims", "quant", "auth"}

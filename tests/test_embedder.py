@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from edge_agent.embedder import Embedder, EmbedderConfig
+from edge_agent.embedding.embedder import Embedder, EmbedderConfig
 from edge_agent.errors import EdgeAgentError, EmptyText, ErrorCode, InvalidArgument, TextTooLong
 from edge_agent.models import DEFAULT_MODEL, ModelStore
 

@@ -22,13 +22,13 @@ import pytest
 from daemon import ServerThread, options_for
 
 from edge_agent import Client
-from edge_agent.embedder import EmbedderConfig
+from edge_agent.daemon.service import ServiceConfig
+from edge_agent.embedding.embedder import EmbedderConfig
+from edge_agent.embedding.worker import ProcessEmbedder
+from edge_agent.embedding.workload import DeadlinePolicy, WorkModel
 from edge_agent.errors import EdgeAgentError, EngineError, ErrorCode, TextTooLong
 from edge_agent.hardware.load import LoadSampler, ThreadGovernor
 from edge_agent.models import DEFAULT_MODEL, ModelStore
-from edge_agent.service import ServiceConfig
-from edge_agent.worker import ProcessEmbedder
-from edge_agent.workload import DeadlinePolicy, WorkModel
 
 DOCUMENT = (
     "The index keeps a write-ahead log and periodic snapshots, so every acknowledged document"
@@ -187,8 +187,8 @@ def test_sliced_requests_give_the_same_vectors_and_indices(
 def test_engine_child_exits_with_its_parent(model_store: ModelStore, tmp_path: Path) -> None:
     code = (
         "import sys, time\n"
-        "from edge_agent.worker import ProcessEmbedder\n"
-        "from edge_agent.embedder import EmbedderConfig\n"
+        "from edge_agent.embedding.worker import ProcessEmbedder\n"
+        "from edge_agent.embedding.embedder import EmbedderConfig\n"
         "from edge_agent.models import ModelStore\n"
         "store = ModelStore(sys.argv[1])\n"
         "emb = ProcessEmbedder(store.resolve(sys.argv[2], 'Q8_0'), EmbedderConfig(threads=1))\n"

@@ -21,9 +21,9 @@ import pytest
 from daemon import ServerThread, options_for
 
 from edge_agent.client import Client, SearchHit
-from edge_agent.discovery import DiscoveredAgent
 from edge_agent.errors import InvalidArgument
-from edge_agent.fleet import (
+from edge_agent.lan.discovery import DiscoveredAgent
+from edge_agent.lan.fleet import (
     ANSWERED,
     FAILED,
     NO_COLLECTION,

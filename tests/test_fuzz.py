@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.client import Client, parse_address
+from edge_agent.daemon.server import PREAUTH_MAX_BYTES
 from edge_agent.models import ModelStore
 from edge_agent.protocol import ARGUMENTS, ProtocolCode, encode_request
-from edge_agent.server import PREAUTH_MAX_BYTES
 
 TOKEN = "fuzz-token-0123456789abcdef"
 FUZZ = settings(

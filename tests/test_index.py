@@ -497,7 +497,7 @@ def test_the_index_never_imports_the_embedder() -> None:
 
     code = (
         "import sys, edge_agent.index; "
-        "heavy = ('llama_cpp', 'edge_agent.embedder', 'edge_agent.engine'); "
+        "heavy = ('llama_cpp', 'edge_agent.embedding.embedder', 'edge_agent.embedding.engine'); "
         "bad = [m for m in heavy if m in sys.modules]; "
         "sys.exit(repr(bad) if bad else 0)"
     )

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from tinyqwen3 import MODEL_NAME, write_tiny_qwen3_gguf
 
-from edge_agent.embedder import Embedder, EmbedderConfig
-from edge_agent.engine import Engine, EngineSettings
+from edge_agent.embedding.embedder import Embedder, EmbedderConfig
+from edge_agent.embedding.engine import Engine, EngineSettings
 from edge_agent.errors import DimensionsNotSupported, ErrorCode, InvalidArgument, TextTooLong
 from edge_agent.models import ModelManifest, ModelStore
 

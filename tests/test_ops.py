@@ -29,11 +29,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent.client import Client
+from edge_agent.daemon.metrics import render_metrics
+from edge_agent.daemon.sdnotify import Notifier
+from edge_agent.daemon.service import kv
 from edge_agent.logs import JsonFormatter, KeyValueFormatter, setup_logging, under_journald
-from edge_agent.metrics import render_metrics
 from edge_agent.models import ModelStore
-from edge_agent.sdnotify import Notifier
-from edge_agent.service import kv
 
 
 class Datagrams:
@@ -187,7 +187,7 @@ def test_json_lines_keep_types_and_cannot_be_spoofed() -> None:
         "batch",
         3,
         2.5,
-        "edge_agent.app",
+        "edge_agent.daemon.app",
     )
     try:
         raise ValueError("boom")

@@ -17,9 +17,7 @@ from typing import Any
 import pytest
 
 from edge_agent.config import load_config
-from edge_agent.hardware import CpuInfo, llama_cmake_args
-from edge_agent.models import DEFAULT_MODEL, ModelStore
-from edge_agent.service_install import (
+from edge_agent.daemon.service_install import (
     LAUNCHD_LABEL,
     apply,
     install_plan,
@@ -29,6 +27,8 @@ from edge_agent.service_install import (
     sysusers_conf,
     uninstall_plan,
 )
+from edge_agent.hardware import CpuInfo, llama_cmake_args
+from edge_agent.models import DEFAULT_MODEL, ModelStore
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGING = REPO / "packaging"

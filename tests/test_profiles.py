@@ -9,7 +9,7 @@ import pytest
 from test_probe import load_host
 
 from edge_agent.hardware import CpuInfo, HostInfo
-from edge_agent.profiles import (
+from edge_agent.selection.profiles import (
     GENERIC,
     PROFILES_ENV,
     ProfileError,

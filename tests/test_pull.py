@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.embedder import Embedder, EmbedderConfig
+from edge_agent.embedding.embedder import Embedder, EmbedderConfig
 from edge_agent.errors import (
     DownloadError,
     IntegrityError,

@@ -12,8 +12,7 @@ from test_probe import load_host
 from edge_agent.errors import InvalidArgument, ModelNotFound
 from edge_agent.hardware import probe_host
 from edge_agent.models import DEFAULT_MODEL, ModelFile, ModelManifest, ModelStore
-from edge_agent.profiles import load_profiles
-from edge_agent.selection import (
+from edge_agent.selection.choose import (
     InsufficientMemory,
     Measurement,
     NoUsableModel,
@@ -23,7 +22,8 @@ from edge_agent.selection import (
     override_from,
     select,
 )
-from edge_agent.tuning import TUNING_FILE, TuningStore, engine_build, tune
+from edge_agent.selection.profiles import load_profiles
+from edge_agent.selection.tuning import TUNING_FILE, TuningStore, engine_build, tune
 
 MIB = 1 << 20
 GIB = 1 << 30

@@ -14,14 +14,14 @@ import gguf
 import numpy as np
 import pytest
 
-from edge_agent.embedder import Embedder
+from edge_agent.embedding.embedder import Embedder
 from edge_agent.hardware import probe_host
 from edge_agent.models import DEFAULT_MODEL, ModelFile, ModelManifest, ModelStore
 from edge_agent.models.hashing import sha256_file
-from edge_agent.profiles import load_profiles
-from edge_agent.selection import NoUsableModel, override_from, select
-from edge_agent.selftest import PROBE_TEXTS, plan, run_selftest, safe_start
-from edge_agent.tuning import BAD_FILE, BadFiles, engine_build, tune
+from edge_agent.selection.choose import NoUsableModel, override_from, select
+from edge_agent.selection.profiles import load_profiles
+from edge_agent.selection.selftest import PROBE_TEXTS, plan, run_selftest, safe_start
+from edge_agent.selection.tuning import BAD_FILE, BadFiles, engine_build, tune
 
 BROKEN = "broken-minilm"
 Transform = Callable[[str, np.ndarray], np.ndarray]

@@ -29,9 +29,9 @@ from daemon import CONFIG, MAX_MESSAGE, ServerThread, options_for
 
 from edge_agent import embedder as embedder_module
 from edge_agent import protocol
-from edge_agent.app import run_server
 from edge_agent.client import AsyncClient, Client
-from edge_agent.embedder import Embedder
+from edge_agent.daemon.app import run_server
+from edge_agent.embedding.embedder import Embedder
 from edge_agent.errors import (
     DimensionsNotSupported,
     EdgeAgentError,
@@ -691,8 +691,8 @@ def test_serve_announces_and_stops_on_signal(
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from edge_agent.app import ServeOptions, serve\n"
-        "from edge_agent.embedder import EmbedderConfig\n"
+        "from edge_agent.daemon.app import ServeOptions, serve\n"
+        "from edge_agent.embedding.embedder import EmbedderConfig\n"
         "serve(ServeOptions(socket_path=Path(sys.argv[1]), models_dir=Path(sys.argv[2]),"
         " quant='F32', embedder=EmbedderConfig(threads=1), state_dir=Path(sys.argv[3]),"
         " index_dir=Path(sys.argv[3]) / 'index'))\n"
@@ -741,7 +741,7 @@ def test_client_import_loads_no_engine() -> None:
     code = (
         "import sys, edge_agent.client\n"
         "heavy = [m for m in sys.modules if m.split('.')[0] in ('llama_cpp', 'hnswlib')"
-        " or m in ('edge_agent.embedder', 'edge_agent.engine')]\n"
+        " or m in ('edge_agent.embedding.embedder', 'edge_agent.embedding.engine')]\n"
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
@@ -768,7 +768,8 @@ def test_engine_crash_costs_the_child_not_the_daemon(
             assert engine_pid not in (None, os.getpid())
             # The engine is a child of this (the daemon's) process, running our worker.
             assert Path(f"/proc/{engine_pid}/stat").read_text().split()[3] == str(os.getpid())
-            assert b"edge_agent.worker" in Path(f"/proc/{engine_pid}/cmdline").read_bytes()
+            cmdline = Path(f"/proc/{engine_pid}/cmdline").read_bytes()
+            assert b"edge_agent.embedding.worker" in cmdline
             outcome: dict[str, Any] = {}
 
             def long_call() -> None:

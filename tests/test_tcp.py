@@ -19,8 +19,9 @@ from daemon import ServerThread, options_for
 
 from edge_agent.addresses import is_loopback
 from edge_agent.addresses import parse_host_port as parse_listen
-from edge_agent.app import run_server
 from edge_agent.client import AsyncClient, Client, parse_address
+from edge_agent.daemon.app import run_server
+from edge_agent.daemon.server import PREAUTH_MAX_BYTES
 from edge_agent.errors import ErrorCode, InsecureListen, InvalidArgument
 from edge_agent.models import ModelStore
 from edge_agent.protocol import (
@@ -31,7 +32,6 @@ from edge_agent.protocol import (
     ProtocolCode,
     encode_request,
 )
-from edge_agent.server import PREAUTH_MAX_BYTES
 
 TOKEN = "test-token-0123456789abcdef"
 

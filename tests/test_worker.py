@@ -11,10 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from edge_agent.embedder import EmbedderConfig
+from edge_agent.embedding.embedder import EmbedderConfig
+from edge_agent.embedding.worker import ProcessEmbedder
 from edge_agent.errors import EmptyText, EngineError, ErrorCode, InvalidArgument, ModelNotFound
 from edge_agent.models import DEFAULT_MODEL, ModelStore
-from edge_agent.worker import ProcessEmbedder
 
 
 @pytest.fixture(scope="module")

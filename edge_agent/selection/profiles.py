@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ProfileError
-from .hardware.host import HostInfo
+from ..errors import ProfileError
+from ..hardware.host import HostInfo
 
 __all__ = [
     "GENERIC",
@@ -152,7 +152,7 @@ def default_profiles_dir(environ: Mapping[str, str] | None = None) -> Path:
     env = os.environ if environ is None else environ
     if env.get(PROFILES_ENV):
         return Path(env[PROFILES_ENV]).expanduser()
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent  # edge_agent/
     installed = package / "_profiles"
     if (installed / f"{GENERIC}.toml").is_file():
         return installed

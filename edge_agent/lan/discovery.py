@@ -38,8 +38,8 @@ from zeroconf import (
 )
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from .errors import AgentNotFound, DiscoveryError, EdgeAgentError, InvalidArgument
-from .protocol import PROTOCOL_VERSION
+from ..errors import AgentNotFound, DiscoveryError, EdgeAgentError, InvalidArgument
+from ..protocol import PROTOCOL_VERSION
 
 __all__ = [
     "SERVICE_TYPE",

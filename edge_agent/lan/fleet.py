@@ -26,16 +26,16 @@ from typing import Any, Final
 
 import numpy as np
 
-from .client import AsyncClient, SearchHit
-from .discovery import DEFAULT_BROWSE_TIMEOUT, DiscoveredAgent, async_browse
-from .errors import CollectionNotFound, EdgeAgentError, InvalidArgument
-from .protocol import (
+from ..client import AsyncClient, SearchHit
+from ..errors import CollectionNotFound, EdgeAgentError, InvalidArgument
+from ..protocol import (
     PROTOCOL_VERSION,
     AuthFailed,
     AuthRequired,
     ConnectionFailed,
     RequestTimeout,
 )
+from .discovery import DEFAULT_BROWSE_TIMEOUT, DiscoveredAgent, async_browse
 
 __all__ = [
     "AgentOutcome",

@@ -34,11 +34,11 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import EdgeAgentError, EngineError, InvalidArgument, error_for_code
+from ..models.manifest import ModelManifest
+from ..models.store import ResolvedModel
 from .children import child_environment
 from .embedder import Embedder, EmbedderConfig, Embeddings, ModelHandle
-from .errors import EdgeAgentError, EngineError, InvalidArgument, error_for_code
-from .models.manifest import ModelManifest
-from .models.store import ResolvedModel
 
 __all__ = ["ProcessEmbedder"]
 
@@ -165,8 +165,8 @@ def _child_main(conn: Connection) -> None:
 
 
 def child_entry(fd: int, parent_fd: int | None = None) -> None:
-    """``python -c 'from edge_agent.worker import child_entry; child_entry(FD, PFD)'``: the
-    child's whole program, on the socket the parent passed as ``fd``; ``parent_fd`` is the
+    """``python -c 'from edge_agent.embedding.worker import child_entry; child_entry(FD, PFD)'``:
+    the child's whole program, on the socket the parent passed as ``fd``; ``parent_fd`` is the
     read end of the pipe whose EOF means the parent died."""
     if parent_fd is not None:
         _exit_with_parent(parent_fd)
@@ -184,7 +184,7 @@ class _Child:
         command = [
             sys.executable,
             "-c",
-            f"from edge_agent.worker import child_entry; child_entry({fd}, {watch_read})",
+            f"from edge_agent.embedding.worker import child_entry; child_entry({fd}, {watch_read})",
         ]
         try:
             self._popen = subprocess.Popen(

@@ -20,23 +20,23 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .addresses import is_loopback, parse_host_port
-from .discovery import Advertiser, AgentInfo, agent_id_for, bound_addresses
-from .embedder import Embedder, EmbedderConfig
-from .errors import EdgeAgentError, InsecureListen, InvalidArgument
-from .index import IndexConfig, IndexStore
-from .index.manifest import CollectionManifest
+from ..addresses import is_loopback, parse_host_port
+from ..embedding.embedder import Embedder, EmbedderConfig
+from ..embedding.worker import ProcessEmbedder
+from ..errors import EdgeAgentError, InsecureListen, InvalidArgument
+from ..index import IndexConfig, IndexStore
+from ..index.manifest import CollectionManifest
+from ..lan.discovery import Advertiser, AgentInfo, agent_id_for, bound_addresses
+from ..models import DEFAULT_MODEL, ModelStore
+from ..paths import default_paths
+from ..protocol import Limits
+from ..selection.choose import Override
+from ..selection.selftest import safe_start
 from .index_service import IndexService
 from .metrics import MetricsServer, memory_section, metrics_endpoint
-from .models import DEFAULT_MODEL, ModelStore
-from .paths import default_paths
-from .protocol import Limits
 from .sdnotify import Notifier
-from .selection import Override
-from .selftest import safe_start
 from .server import Server, check_socket_free
 from .service import Service, ServiceConfig, kv, server_version
-from .worker import ProcessEmbedder
 
 __all__ = ["MIN_TOKEN_CHARS", "ServeOptions", "resolve_auth_token", "run_server", "serve"]
 
@@ -58,11 +58,12 @@ class ServeOptions:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     # How long a stop waits for in-flight requests before answering them SHUTTING_DOWN.
     shutdown_grace: float = 10.0
-    # Run llama.cpp in a child process (edge_agent.worker): an engine abort then fails the
+    # Run llama.cpp in a child process (edge_agent.embedding.worker): an engine abort then fails the
     # requests in flight and restarts the child instead of killing the daemon.
     isolate_engine: bool = True
     # Choose quant/threads/batch from the hardware probe, profiles and measurements, and
-    # self-test the chosen file in a child before serving (edge_agent.selftest.safe_start).
+    # self-test the chosen file in a child before serving
+    # (edge_agent.selection.selftest.safe_start).
     # False: open ``quant`` (or the manifest's default) with ``embedder`` as given.
     select_model: bool = True
     override: Override | None = None  # what the user pinned (flag > env > config file)
@@ -77,7 +78,7 @@ class ServeOptions:
     auth_token_file: Path | None = None  # the token's file (0600); env EDGE_AGENT_TOKEN also
     auth_token: str | None = None  # resolved token; wins over auth_token_file
     auth_timeout: float = 10.0  # seconds a TCP peer has to authenticate before it is dropped
-    # Pre-auth admission (edge_agent.server): a TCP peer that must authenticate is dropped if
+    # Pre-auth admission (edge_agent.daemon.server): a TCP peer that must authenticate is dropped if
     # it sends nothing for first_byte_timeout seconds; at most max_preauth_per_source such
     # connections per source address and max_preauth_connections in all.
     first_byte_timeout: float = 3.0
@@ -86,10 +87,10 @@ class ServeOptions:
     # Seconds a connection (Unix, or authenticated TCP) may stay idle before it is closed; 0:
     # never (idle ones still make room for new clients when every slot is taken).
     idle_timeout: float = 300.0
-    # Announce the TCP endpoint on the LAN with zeroconf (edge_agent.discovery); needs listen.
+    # Announce the TCP endpoint on the LAN with zeroconf (edge_agent.lan.discovery); needs listen.
     advertise: bool = False
     advertise_interfaces: tuple[str, ...] = ()  # addresses/interfaces to announce on; () = all
-    # Prometheus text exposition at http://HOST:PORT/metrics (edge_agent.metrics); None: off.
+    # Prometheus text exposition at http://HOST:PORT/metrics (edge_agent.daemon.metrics); None: off.
     metrics_listen: str | None = None
     # The Unix socket's permissions: 0o660 lets the socket's group connect (a system service
     # whose clients are in its group); anything wider is refused.
@@ -322,7 +323,7 @@ async def run_server(
 
 
 async def _advertise(options: ServeOptions, service: Service, port: int, auth: bool) -> Advertiser:
-    """Announce the TCP endpoint with mDNS (edge_agent.discovery), following model changes."""
+    """Announce the TCP endpoint with mDNS (edge_agent.lan.discovery), following model changes."""
     assert options.listen is not None  # _tcp_endpoint refused advertise without it
     host, _ = parse_host_port(options.listen)
     hello = await service.call("hello", [{"client": "edge-agent/advertise"}])

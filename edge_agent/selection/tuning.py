@@ -6,7 +6,7 @@ fp16 arithmetic on a Pi 4, AMX bugs on a Xeon), so the profiles' static order is
 fallback: ``tune`` times each candidate on a fixed text set within a time budget and stores
 the results keyed by (model file sha256, engine build, CPU), where ``select`` finds them.
 
-The trials run in a child process (``python -m edge_agent.tuning --worker``): a quant that
+The trials run in a child process (``python -m edge_agent.selection.tuning --worker``): a quant that
 crashes llama.cpp kills only the worker; it is recorded as bad and the others go on.
 """
 
@@ -27,14 +27,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .children import child_environment
-from .errors import InvalidArgument
-from .hardware.host import HostInfo, probe_host
-from .models.manifest import ModelFile, write_json_atomic
-from .models.store import ModelStore
-from .profiles import Profile, load_profiles
-from .progress import Progress
-from .selection import (
+from ..embedding.children import child_environment
+from ..errors import InvalidArgument
+from ..hardware.host import HostInfo, probe_host
+from ..models.manifest import ModelFile, write_json_atomic
+from ..models.store import ModelStore
+from ..progress import Progress
+from .choose import (
     QUANT_PRECISION,
     Decision,
     Measurement,
@@ -42,6 +41,7 @@ from .selection import (
     effective_batch_tokens,
     select,
 )
+from .profiles import Profile, load_profiles
 
 __all__ = [
     "RECORD_FORMAT",
@@ -129,7 +129,7 @@ def engine_build() -> str:
     daemon's own process ~15 MB for as long as it runs."""
     if "llama_cpp" in sys.modules:
         return _engine_build_here()
-    code = "from edge_agent.tuning import _engine_build_here; print(_engine_build_here())"
+    code = "from edge_agent.selection.tuning import _engine_build_here; print(_engine_build_here())"
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -495,7 +495,7 @@ def _read_lines(stream: Any, out: queue.Queue[str | None]) -> None:
 def _run_worker(job: dict[str, Any], deadline: float, bar: Progress | None) -> _WorkerOutcome:
     outcome = _WorkerOutcome([], [], None, None, None, False)
     process = subprocess.Popen(
-        [sys.executable, "-m", "edge_agent.tuning", "--worker"],
+        [sys.executable, "-m", "edge_agent.selection.tuning", "--worker"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -629,7 +629,7 @@ def _key(
 def _worker(job: dict[str, Any]) -> int:
     import numpy as np
 
-    from .embedder import Embedder, EmbedderConfig
+    from ..embedding.embedder import Embedder, EmbedderConfig
 
     started = time.monotonic()
     deadline = started + float(job["budget_s"])
@@ -716,7 +716,7 @@ def _worker(job: dict[str, Any]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args != ["--worker"]:
-        print("usage: python -m edge_agent.tuning --worker < job.json", file=sys.stderr)
+        print("usage: python -m edge_agent.selection.tuning --worker < job.json", file=sys.stderr)
         return 2
     return _worker(json.loads(sys.stdin.read()))
 

@@ -18,14 +18,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
-from .errors import (
+from ..errors import (
     InsufficientMemory,
     InvalidArgument,
     ModelNotFound,
     NoUsableModel,
 )
-from .hardware.host import HostInfo
-from .models.manifest import ModelFile, ModelManifest
+from ..hardware.host import HostInfo
+from ..models.manifest import ModelFile, ModelManifest
 from .profiles import IndexParams, Profile, match_profile, threads_for
 
 __all__ = [

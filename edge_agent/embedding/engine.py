@@ -16,7 +16,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from .errors import EngineError, ModelFileError
+from ..errors import EngineError, ModelFileError
 
 __all__ = ["Engine", "EngineSettings", "route_engine_logs"]
 

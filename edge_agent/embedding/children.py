@@ -1,7 +1,8 @@
 """How engine child processes are started: the environment they get.
 
-Shared by the self-test and tuning children and the daemon's engine child (edge_agent.worker),
-which run llama.cpp in processes of their own so that an abort costs a child, not the caller.
+Shared by the self-test and tuning children and the daemon's engine child
+(edge_agent.embedding.worker), which run llama.cpp in processes of their own so that an abort
+costs a child, not the caller.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def child_environment() -> dict[str, str]:
     seconds and floods stderr; GGML_NO_BACKTRACE turns that off.
     """
     env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parent.parent)
+    package_root = str(Path(__file__).resolve().parents[2])  # the folder holding edge_agent/
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     env["GGML_NO_BACKTRACE"] = "1"
     # numpy's OpenBLAS starts a thread per core that spins after each call; an engine child

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import (
+from ..errors import (
     CollectionNotFound,
     DimensionsNotSupported,
     EdgeAgentError,
@@ -37,11 +37,11 @@ from .errors import (
     InvalidArgument,
     ModelMismatch,
 )
-from .index import Collection, IndexStore, ModelFingerprint
-from .index.documents import check_vector_rows, validate_id, validate_metadata, validate_text
-from .index.fsutil import DISK_FULL_ERRNOS, describe_error, index_full, is_disk_full
-from .index.manifest import validate_new_collection_name
-from .protocol import (
+from ..index import Collection, IndexStore, ModelFingerprint
+from ..index.documents import check_vector_rows, validate_id, validate_metadata, validate_text
+from ..index.fsutil import DISK_FULL_ERRNOS, describe_error, index_full, is_disk_full
+from ..index.manifest import validate_new_collection_name
+from ..protocol import (
     AddArgs,
     AddVectorsArgs,
     CollectionsArgs,

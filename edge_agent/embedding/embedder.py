@@ -19,17 +19,17 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 
 import numpy as np
 
-from .errors import (
+from ..errors import (
     DimensionsNotSupported,
     EmptyText,
     EngineError,
     InvalidArgument,
     TextTooLong,
 )
-from .hardware.load import ThreadGovernor
-from .models.manifest import ModelManifest
-from .models.store import ModelStore, ResolvedModel
-from .texts import check_text
+from ..hardware.load import ThreadGovernor
+from ..models.manifest import ModelManifest
+from ..models.store import ModelStore, ResolvedModel
+from ..texts import check_text
 
 if TYPE_CHECKING:
     from .engine import Engine

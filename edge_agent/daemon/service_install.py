@@ -32,8 +32,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import config_template
-from .errors import UnsupportedPlatform
+from ..config import config_template
+from ..errors import UnsupportedPlatform
 
 __all__ = [
     "LAUNCHD_LABEL",

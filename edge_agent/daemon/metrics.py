@@ -22,8 +22,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .addresses import is_loopback, parse_host_port
-from .errors import InvalidArgument
+from ..addresses import is_loopback, parse_host_port
+from ..errors import InvalidArgument
 
 __all__ = [
     "CONTENT_TYPE",

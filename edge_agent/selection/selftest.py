@@ -4,8 +4,8 @@ Some engine bugs only show on some hardware (an AMX-enabled llama.cpp segfaults 
 K-quants, llama.cpp #20824) or with some files (a tensor type the CPU backend cannot add
 aborts the process). Loading such a file in the daemon would kill it, again at every
 restart. So the file is first loaded and run in a child process
-(``python -m edge_agent.selftest``) on fixed probe texts; its vectors are compared with the
-expected ones. A crash, a timeout or wrong numbers mark (file sha256, engine build, CPU) as
+(``python -m edge_agent.selection.selftest``) on fixed probe texts; its vectors are compared
+with the expected ones. A crash, a timeout or wrong numbers mark (file sha256, engine build, CPU) as
 bad in a small record, and start-up falls back to the next candidate of the selection. When
 none works, the daemon refuses to start with every reason (NoUsableModel).
 
@@ -27,13 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from .embedder import EmbedderConfig
-from .errors import EdgeAgentError, InvalidArgument
-from .hardware.host import HostInfo, probe_host
-from .models.manifest import ModelManifest
-from .models.store import ModelStore, ResolvedModel
-from .profiles import Profile, load_profiles
-from .selection import (
+from ..embedding.embedder import EmbedderConfig
+from ..errors import EdgeAgentError, InvalidArgument
+from ..hardware.host import HostInfo, probe_host
+from ..models.manifest import ModelManifest
+from ..models.store import ModelStore, ResolvedModel
+from .choose import (
     QUANT_PRECISION,
     Decision,
     NoUsableModel,
@@ -42,6 +41,7 @@ from .selection import (
     estimate_memory,
     select,
 )
+from .profiles import Profile, load_profiles
 from .tuning import (
     BAD_FILE,
     TUNING_FILE,
@@ -190,7 +190,7 @@ def _run_child(job: dict[str, Any], timeout_s: float) -> tuple[dict[str, Any], s
     """(vectors by role, failure or None, kind of failure)."""
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "edge_agent.selftest"],
+            [sys.executable, "-m", "edge_agent.selection.selftest"],
             input=json.dumps(job),
             capture_output=True,
             text=True,
@@ -529,7 +529,7 @@ def _emit(event: dict[str, Any]) -> None:
 
 
 def _child(job: dict[str, Any]) -> int:
-    from .embedder import Embedder
+    from ..embedding.embedder import Embedder
 
     store = ModelStore(Path(job["store"]))
     config = EmbedderConfig(**job["config"])

@@ -40,9 +40,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgeAgentError, InvalidArgument
-from .logs import LogLimiter
-from .protocol import (
+from ..errors import EdgeAgentError, InvalidArgument
+from ..logs import LogLimiter
+from ..protocol import (
     ERROR_NOTIFICATION,
     AlreadyRunning,
     AuthArgs,

@@ -25,9 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from .embedder import Embedder, Embeddings
-from .errors import DimensionsNotSupported, EdgeAgentError, InvalidArgument, TextTooLong
-from .protocol import (
+from ..embedding.embedder import Embedder, Embeddings
+from ..embedding.worker import ProcessEmbedder
+from ..embedding.workload import DeadlinePolicy, WorkModel
+from ..errors import DimensionsNotSupported, EdgeAgentError, InvalidArgument, TextTooLong
+from ..protocol import (
     KINDS,
     LONG_TEXT_MODES,
     PROTOCOL_VERSION,
@@ -40,8 +42,6 @@ from .protocol import (
     encode_embed_result,
     named_args,
 )
-from .worker import ProcessEmbedder
-from .workload import DeadlinePolicy, WorkModel
 
 __all__ = ["Reservoir", "Service", "ServiceConfig", "kv", "server_version"]
 
@@ -75,7 +75,7 @@ def server_version() -> str:
     try:
         return importlib.metadata.version("edge-agent")
     except importlib.metadata.PackageNotFoundError:  # running from a source tree
-        from . import __version__
+        from .. import __version__
 
         return __version__
 

@@ -23,15 +23,14 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .client import AsyncClient, Client
+    from .client import AsyncClient, Client, fleet_search
     from .embedding.embedder import Embedder, EmbedderConfig, Embeddings
     from .embedding.worker import ProcessEmbedder
     from .lan.discovery import browse
-    from .lan.fleet import fleet_search
     from .models import ModelStore
     from .protocol import EmbedResult
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "AsyncClient",
@@ -68,7 +67,7 @@ _LAZY = {
     "Embeddings": "embedding.embedder",
     "ModelStore": "models",
     "browse": "lan.discovery",
-    "fleet_search": "lan.fleet",
+    "fleet_search": "client",
 }
 
 

@@ -526,7 +526,7 @@ def _run_plan(plan: Any, args: argparse.Namespace) -> int:
 
 def _fleet_search(args: argparse.Namespace) -> int:
     """``search --fleet``: every agent on the LAN; exit 1 when none answered."""
-    from .lan.fleet import fleet_search
+    from .client import fleet_search
 
     token = None
     if args.token_file:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from .errors import InvalidArgument
 from .paths import default_paths
 from .protocol import (
@@ -60,10 +60,19 @@ from .protocol import (
     parse_message,
 )
 
-if TYPE_CHECKING:  # fleet imports this module; at run time it is imported on first use
+if TYPE_CHECKING:  # at run time the LAN layer (zeroconf) is imported on first use
     from .lan.fleet import FleetResult
 
-__all__ = ["AsyncClient", "Client", "EmbedResult", "Endpoint", "SearchHit", "parse_address"]
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "EmbedResult",
+    "Endpoint",
+    "SearchHit",
+    "async_fleet_search",
+    "fleet_search",
+    "parse_address",
+]
 
 # Replies are not bounded by the server's request limit: a batch of long vectors can exceed it.
 DEFAULT_MAX_RESPONSE_BYTES = 1 << 30
@@ -630,9 +639,7 @@ class Client:
 
     @staticmethod
     def fleet_search(collection: str, **kwargs: Any) -> FleetResult:
-        """``edge_agent.lan.fleet.fleet_search``: one query across every agent on the LAN."""
-        from .lan.fleet import fleet_search
-
+        """``edge_agent.fleet_search``: one query across every agent on the LAN."""
         return fleet_search(collection, **kwargs)
 
 
@@ -963,7 +970,32 @@ class AsyncClient:
 
     @staticmethod
     async def fleet_search(collection: str, **kwargs: Any) -> FleetResult:
-        """``edge_agent.lan.fleet.async_fleet_search``."""
-        from .lan.fleet import async_fleet_search
-
+        """``edge_agent.client.async_fleet_search``."""
         return await async_fleet_search(collection, **kwargs)
+
+
+# -- fleet search: the LAN layer's algorithm, talking to each agent through an AsyncClient -------
+
+
+def _connect_agent(address: str, timeout: float, token: str | None) -> AsyncClient:
+    return AsyncClient(address, timeout=timeout, token=token)
+
+
+async def async_fleet_search(collection: str, **kwargs: Any) -> FleetResult:
+    """Search ``collection`` on every agent on the LAN and merge the top ``k``.
+
+    The arguments are those of ``edge_agent.lan.fleet.search_fleet`` (text or vector, k,
+    filter, ef, agents, browse_timeout, interfaces, timeout, token, fingerprint, raw).
+    """
+    from .lan.fleet import search_fleet  # deferred: zeroconf is only needed for the LAN
+
+    return await search_fleet(collection, connect=_connect_agent, **kwargs)
+
+
+def fleet_search(collection: str, **kwargs: Any) -> FleetResult:
+    """Blocking ``async_fleet_search`` (same arguments)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(async_fleet_search(collection, **kwargs))
+    raise InvalidArgument("called from a running event loop: use async_fleet_search")

@@ -37,8 +37,8 @@ from .errors import ConfigError
 from .paths import APP_NAME, default_paths
 
 if TYPE_CHECKING:
-    from .daemon.app import ServeOptions
     from .hardware.host import HostInfo
+    from .options import ServeOptions
     from .selection.choose import Override
     from .selection.profiles import Profile
 
@@ -388,10 +388,9 @@ class Config:
     def serve_options(self) -> ServeOptions:
         """The daemon's options. Selection settings the user did not set stay unpinned (the
         Override); the index graph parameters fall back to the profile's, then the defaults."""
-        from .daemon.app import ServeOptions
-        from .daemon.service import ServiceConfig
         from .embedding.embedder import EmbedderConfig
         from .index.config import IndexConfig
+        from .options import ServeOptions, ServiceConfig
 
         v = self.__getitem__
         threads = v("threads") if self.values["threads"].user_set else None

@@ -26,6 +26,7 @@ __all__ = [
     "JsonFormatter",
     "KeyValueFormatter",
     "LogLimiter",
+    "kv",
     "setup_logging",
     "under_journald",
 ]
@@ -49,25 +50,36 @@ def under_journald(stream: IO[str], environ: Mapping[str, str] | None = None) ->
     return expected == f"{st.st_dev}:{st.st_ino}"
 
 
-def _fields(record: logging.LogRecord) -> dict[str, Any] | None:
-    """The kv(...) fields of a record logged as ``log.info("%s", kv(...))``, else None.
-
-    Matched by shape rather than by class so this module need not import the service layer.
-    """
-    args = record.args
-    if record.msg == "%s" and isinstance(args, tuple) and len(args) == 1:
-        fields = getattr(args[0], "fields", None)
-        if type(args[0]).__name__ == "kv" and isinstance(fields, dict):
-            return fields
-    return None
-
-
 def _kv_text(value: Any) -> str:
-    # Same rules as service.kv: floats to 3 decimals, quoted when the text would split a field.
+    """One value as kv text: floats to 3 decimals, quoted when the text would split a field."""
     text = f"{value:.3f}" if isinstance(value, float) else str(value)
     if not text or any(c in text for c in ' ="\n\\'):
         text = json.dumps(text)
     return text
+
+
+class kv:  # lower case: used like a function, log.info("%s", kv(event="x", n=1))
+    """key=value log fields, formatted only if the record is emitted: the one log style.
+
+    Values are ours (counts, names, timings), never document text: callers pass lengths.
+    The formatters below read ``fields`` directly; ``str()`` is the same kv text.
+    """
+
+    __slots__ = ("fields",)
+
+    def __init__(self, **fields: Any) -> None:
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return " ".join(f"{key}={_kv_text(value)}" for key, value in self.fields.items())
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any] | None:
+    """The kv(...) fields of a record logged as ``log.info("%s", kv(...))``, else None."""
+    args = record.args
+    if record.msg != "%s" or not isinstance(args, tuple) or len(args) != 1:
+        return None
+    return args[0].fields if isinstance(args[0], kv) else None
 
 
 def _timestamp(record: logging.LogRecord) -> str:

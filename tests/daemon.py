@@ -10,9 +10,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edge_agent.daemon.app import ServeOptions, run_server
+from edge_agent.daemon.app import run_server
 from edge_agent.embedding.embedder import EmbedderConfig
 from edge_agent.models import DEFAULT_MODEL, ModelStore
+from edge_agent.options import ServeOptions
 
 MAX_MESSAGE = 1 << 20  # small, so the oversized-frame test sends ~1 MiB, not 8
 CONFIG = EmbedderConfig(threads=2)

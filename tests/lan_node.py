@@ -110,8 +110,9 @@ async def watch(args: argparse.Namespace) -> None:
 
 async def agent(args: argparse.Namespace) -> None:
     """A real daemon (``app.run_server``), advertising; SIGTERM or end of stdin stops it."""
-    from edge_agent.daemon.app import ServeOptions, run_server
+    from edge_agent.daemon.app import run_server
     from edge_agent.embedding.embedder import EmbedderConfig
+    from edge_agent.options import ServeOptions
 
     data = Path(args.data)
     options = ServeOptions(
@@ -146,9 +147,8 @@ async def agent(args: argparse.Namespace) -> None:
 
 async def client(args: argparse.Namespace) -> None:
     """A fleet client: browses, connects to agents by id or name, searches the fleet."""
-    from edge_agent.client import AsyncClient
+    from edge_agent.client import AsyncClient, async_fleet_search
     from edge_agent.lan.discovery import async_browse
-    from edge_agent.lan.fleet import async_fleet_search
 
     seen: list[Any] = []
     inbox = await commands()

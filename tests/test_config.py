@@ -21,13 +21,12 @@ from edge_agent.config import (
     load_config,
     reference_table,
 )
-from edge_agent.daemon.app import ServeOptions
-from edge_agent.daemon.service import ServiceConfig
 from edge_agent.embedding.embedder import EmbedderConfig
 from edge_agent.errors import ConfigError, ErrorCode, InvalidArgument
 from edge_agent.hardware.cpu import CpuInfo
 from edge_agent.hardware.host import HostInfo
 from edge_agent.index.config import IndexConfig
+from edge_agent.options import ServeOptions, ServiceConfig
 from edge_agent.selection.choose import Override
 from edge_agent.selection.profiles import load_profiles
 

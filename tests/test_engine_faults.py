@@ -22,13 +22,13 @@ import pytest
 from daemon import ServerThread, options_for
 
 from edge_agent import Client
-from edge_agent.daemon.service import ServiceConfig
 from edge_agent.embedding.embedder import EmbedderConfig
 from edge_agent.embedding.worker import ProcessEmbedder
 from edge_agent.embedding.workload import DeadlinePolicy, WorkModel
 from edge_agent.errors import EdgeAgentError, EngineError, ErrorCode, TextTooLong
 from edge_agent.hardware.load import LoadSampler, ThreadGovernor
 from edge_agent.models import DEFAULT_MODEL, ModelStore
+from edge_agent.options import ServiceConfig
 
 DOCUMENT = (
     "The index keeps a write-ahead log and periodic snapshots, so every acknowledged document"

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from daemon import ServerThread, options_for
 
-from edge_agent.client import Client, SearchHit
+from edge_agent.client import Client, SearchHit, async_fleet_search, fleet_search
 from edge_agent.errors import InvalidArgument
 from edge_agent.lan.discovery import DiscoveredAgent
 from edge_agent.lan.fleet import (
@@ -30,9 +30,7 @@ from edge_agent.lan.fleet import (
     REFUSED,
     SKIPPED,
     TIMED_OUT,
-    async_fleet_search,
     choose_fingerprint,
-    fleet_search,
     merge_hits,
 )
 from edge_agent.models import ModelStore

@@ -31,8 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from edge_agent.client import Client
 from edge_agent.daemon.metrics import render_metrics
 from edge_agent.daemon.sdnotify import Notifier
-from edge_agent.daemon.service import kv
-from edge_agent.logs import JsonFormatter, KeyValueFormatter, setup_logging, under_journald
+from edge_agent.logs import JsonFormatter, KeyValueFormatter, kv, setup_logging, under_journald
 from edge_agent.models import ModelStore
 
 

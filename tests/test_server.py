@@ -691,7 +691,8 @@ def test_serve_announces_and_stops_on_signal(
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from edge_agent.daemon.app import ServeOptions, serve\n"
+        "from edge_agent.daemon.app import serve\n"
+        "from edge_agent.options import ServeOptions\n"
         "from edge_agent.embedding.embedder import EmbedderConfig\n"
         "serve(ServeOptions(socket_path=Path(sys.argv[1]), models_dir=Path(sys.argv[2]),"
         " quant='F32', embedder=EmbedderConfig(threads=1), state_dir=Path(sys.argv[3]),"

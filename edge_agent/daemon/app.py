@@ -16,18 +16,20 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..addresses import is_loopback, parse_host_port
-from ..embedding.embedder import Embedder, EmbedderConfig
+from ..embedding.embedder import Embedder
 from ..embedding.worker import ProcessEmbedder
 from ..errors import EdgeAgentError, InsecureListen, InvalidArgument
-from ..index import IndexConfig, IndexStore
+from ..index import IndexStore
 from ..index.manifest import CollectionManifest
 from ..lan.discovery import Advertiser, AgentInfo, agent_id_for, bound_addresses
-from ..models import DEFAULT_MODEL, ModelStore
+from ..logs import kv
+from ..models import ModelStore
+from ..options import ServeOptions
 from ..paths import default_paths
 from ..protocol import Limits
 from ..selection.choose import Override
@@ -36,65 +38,11 @@ from .index_service import IndexService
 from .metrics import MetricsServer, memory_section, metrics_endpoint
 from .sdnotify import Notifier
 from .server import Server, check_socket_free
-from .service import Service, ServiceConfig, kv, server_version
+from .service import Service, server_version
 
-__all__ = ["MIN_TOKEN_CHARS", "ServeOptions", "resolve_auth_token", "run_server", "serve"]
+__all__ = ["MIN_TOKEN_CHARS", "resolve_auth_token", "run_server", "serve"]
 
 log = logging.getLogger("edge_agent.app")
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    socket_path: Path
-    models_dir: Path
-    model: str = DEFAULT_MODEL
-    quant: str | None = None
-    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
-    max_message_bytes: int = 8 << 20
-    max_connections: int = 64
-    max_queue: int = 256
-    # The engine call scheduler: slices, query priority, deadlines, liveness (max_queue above
-    # wins over its own).
-    service: ServiceConfig = field(default_factory=ServiceConfig)
-    # How long a stop waits for in-flight requests before answering them SHUTTING_DOWN.
-    shutdown_grace: float = 10.0
-    # Run llama.cpp in a child process (edge_agent.embedding.worker): an engine abort then fails the
-    # requests in flight and restarts the child instead of killing the daemon.
-    isolate_engine: bool = True
-    # Choose quant/threads/batch from the hardware probe, profiles and measurements, and
-    # self-test the chosen file in a child before serving
-    # (edge_agent.selection.selftest.safe_start).
-    # False: open ``quant`` (or the manifest's default) with ``embedder`` as given.
-    select_model: bool = True
-    override: Override | None = None  # what the user pinned (flag > env > config file)
-    state_dir: Path | None = None  # tuning results + known-bad files; None: data dir/hardware
-    tune_budget_s: float | None = 20.0  # first-start tuning; None skips it
-    # Collections live here (edge_agent.index); None: the platformdirs data dir / "index".
-    index_dir: Path | None = None
-    index: IndexConfig = field(default_factory=IndexConfig)
-    # TCP besides the Unix socket: "HOST:PORT" ("127.0.0.1:7878", "[::1]:0", "0.0.0.0:7878").
-    # A non-loopback HOST refuses to start without an auth token (like Redis' protected mode).
-    listen: str | None = None
-    auth_token_file: Path | None = None  # the token's file (0600); env EDGE_AGENT_TOKEN also
-    auth_token: str | None = None  # resolved token; wins over auth_token_file
-    auth_timeout: float = 10.0  # seconds a TCP peer has to authenticate before it is dropped
-    # Pre-auth admission (edge_agent.daemon.server): a TCP peer that must authenticate is dropped if
-    # it sends nothing for first_byte_timeout seconds; at most max_preauth_per_source such
-    # connections per source address and max_preauth_connections in all.
-    first_byte_timeout: float = 3.0
-    max_preauth_connections: int = 16
-    max_preauth_per_source: int = 8
-    # Seconds a connection (Unix, or authenticated TCP) may stay idle before it is closed; 0:
-    # never (idle ones still make room for new clients when every slot is taken).
-    idle_timeout: float = 300.0
-    # Announce the TCP endpoint on the LAN with zeroconf (edge_agent.lan.discovery); needs listen.
-    advertise: bool = False
-    advertise_interfaces: tuple[str, ...] = ()  # addresses/interfaces to announce on; () = all
-    # Prometheus text exposition at http://HOST:PORT/metrics (edge_agent.daemon.metrics); None: off.
-    metrics_listen: str | None = None
-    # The Unix socket's permissions: 0o660 lets the socket's group connect (a system service
-    # whose clients are in its group); anything wider is refused.
-    socket_mode: int = 0o600
 
 
 MIN_TOKEN_CHARS = 16  # `edge-agent token` makes 43 (32 random bytes, URL-safe base64)

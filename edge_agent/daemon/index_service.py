@@ -41,6 +41,7 @@ from ..index import Collection, IndexStore, ModelFingerprint
 from ..index.documents import check_vector_rows, validate_id, validate_metadata, validate_text
 from ..index.fsutil import DISK_FULL_ERRNOS, describe_error, index_full, is_disk_full
 from ..index.manifest import validate_new_collection_name
+from ..logs import kv
 from ..protocol import (
     AddArgs,
     AddVectorsArgs,
@@ -53,7 +54,7 @@ from ..protocol import (
     ShuttingDown,
     encode_vectors,
 )
-from .service import Reservoir, Service, kv
+from .service import Reservoir, Service
 
 __all__ = ["IndexService"]
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EdgeAgentError, InvalidArgument
-from ..logs import LogLimiter
+from ..logs import LogLimiter, kv
 from ..protocol import (
     ERROR_NOTIFICATION,
     AlreadyRunning,
@@ -62,7 +62,7 @@ from ..protocol import (
     named_args,
     parse_message,
 )
-from .service import Service, kv
+from .service import Service
 
 __all__ = ["PREAUTH_MAX_BYTES", "Server", "check_socket_free", "listen_backlog", "source_of"]
 

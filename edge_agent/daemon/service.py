@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import functools
 import importlib.metadata
-import json
 import logging
 import math
 import random
@@ -25,10 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from .._version import __version__
 from ..embedding.embedder import Embedder, Embeddings
 from ..embedding.worker import ProcessEmbedder
 from ..embedding.workload import DeadlinePolicy, WorkModel
 from ..errors import DimensionsNotSupported, EdgeAgentError, InvalidArgument, TextTooLong
+from ..logs import kv
+from ..options import ServiceConfig
 from ..protocol import (
     KINDS,
     LONG_TEXT_MODES,
@@ -43,40 +45,17 @@ from ..protocol import (
     named_args,
 )
 
-__all__ = ["Reservoir", "Service", "ServiceConfig", "kv", "server_version"]
+__all__ = ["Reservoir", "Service", "server_version"]
 
 log = logging.getLogger("edge_agent.service")
 
 Handler = Callable[[Any], Any]  # -> coroutine, future or value
 
 
-class kv:  # lower case: used like a function, log.info("%s", kv(event="x", n=1))
-    """key=value log fields, formatted only if the record is emitted.
-
-    Values are ours (counts, names, timings), never document text: callers pass lengths.
-    """
-
-    __slots__ = ("fields",)
-
-    def __init__(self, **fields: Any) -> None:
-        self.fields = fields
-
-    def __str__(self) -> str:
-        parts = []
-        for key, value in self.fields.items():
-            text = f"{value:.3f}" if isinstance(value, float) else str(value)
-            if not text or any(c in text for c in ' ="\n'):
-                text = json.dumps(text)
-            parts.append(f"{key}={text}")
-        return " ".join(parts)
-
-
 def server_version() -> str:
     try:
         return importlib.metadata.version("edge-agent")
     except importlib.metadata.PackageNotFoundError:  # running from a source tree
-        from .. import __version__
-
         return __version__
 
 
@@ -116,50 +95,6 @@ class _MethodStats:
     count: int = 0
     errors: int = 0
     latency_ms: Reservoir = field(default_factory=Reservoir)
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    max_queue: int = 256  # embed requests waiting for the engine; more are refused OVERLOADED
-    # How long the first request of a batch waits for company, when the previous batch served
-    # several requests (under concurrency); a lone client's requests go to the engine at once.
-    batch_window_s: float = 0.002
-    batch_max_texts: int = 256  # texts per engine call
-    reservoir_size: int = 1024  # latency samples kept per method
-    # Engine time of one call: larger requests are cut into slices of about this much work,
-    # so a query waits behind one slice of a bulk add, not behind the whole request.
-    slice_s: float = 0.025
-    # Query-kind calls that may go ahead of waiting document work in a row before one
-    # document slice runs: bulk indexing slows down while people search, but never stops.
-    query_streak: int = 8
-    # An engine call that takes longer than floor + factor x its estimated work is killed
-    # (the child restarts; that call fails with ENGINE_ERROR, queued requests continue).
-    call_deadline_floor_s: float = 2.0
-    call_deadline_factor: float = 10.0
-    # An idle engine child is asked to answer a ping this often (0: never); one that does not
-    # answer within call_deadline_floor_s is killed and restarted before a request needs it.
-    liveness_interval_s: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.max_queue <= 1_000_000:
-            raise InvalidArgument(f"max_queue must be in [1, 1000000], got {self.max_queue!r}")
-        if not 0 <= self.batch_window_s <= 1:
-            raise InvalidArgument(f"batch_window_s must be in [0, 1], got {self.batch_window_s!r}")
-        if self.batch_max_texts < 1 or self.reservoir_size < 1:
-            raise InvalidArgument("batch_max_texts and reservoir_size must be positive")
-        if not 1 <= self.query_streak <= 1_000_000:
-            raise InvalidArgument(
-                f"query_streak must be in [1, 1000000], got {self.query_streak!r}"
-            )
-        for name, low, high in (
-            ("slice_s", 0.001, 60.0),
-            ("call_deadline_floor_s", 0.1, 3600.0),
-            ("call_deadline_factor", 1.0, 1000.0),
-            ("liveness_interval_s", 0.0, 3600.0),
-        ):
-            value = getattr(self, name)
-            if not low <= value <= high:
-                raise InvalidArgument(f"{name} must be in [{low}, {high}], got {value!r}")
 
 
 @dataclass

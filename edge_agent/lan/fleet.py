@@ -12,6 +12,10 @@ unless the caller asks for ``raw`` merging. The reference is the caller's ``fing
 the one most agents have (ties: the alphabetically first model, then sha256, so every run picks
 the same). Hits are merged by score, best first; every agent's fate is reported: answered,
 timed out, refused (auth), skipped, no collection, or failed.
+
+This module holds the algorithm only: it talks to agents through ``connect`` (an
+``AsyncClient`` factory handed in by ``edge_agent.client``, whose ``fleet_search`` and
+``async_fleet_search`` are the public entry points), so the LAN layer never imports the client.
 """
 
 from __future__ import annotations
@@ -20,13 +24,12 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 
-from ..client import AsyncClient, SearchHit
 from ..errors import CollectionNotFound, EdgeAgentError, InvalidArgument
 from ..protocol import (
     PROTOCOL_VERSION,
@@ -34,18 +37,30 @@ from ..protocol import (
     AuthRequired,
     ConnectionFailed,
     RequestTimeout,
+    SearchHit,
 )
 from .discovery import DEFAULT_BROWSE_TIMEOUT, DiscoveredAgent, async_browse
 
 __all__ = [
+    "AgentConnection",
     "AgentOutcome",
+    "Connect",
     "FleetHit",
     "FleetResult",
-    "async_fleet_search",
-    "fleet_search",
+    "search_fleet",
 ]
 
 DEFAULT_AGENT_TIMEOUT: Final = 5.0
+
+
+class AgentConnection(Protocol):
+    """What fleet search needs of a connection to one agent (``AsyncClient`` is one)."""
+
+    async def close(self) -> None: ...
+
+
+# (address, timeout, token) -> an unconnected client for that agent.
+Connect = Callable[[str, float, "str | None"], AgentConnection]
 
 # What happened to each agent.
 ANSWERED: Final = "answered"
@@ -150,7 +165,8 @@ class _Agent:
     agent: DiscoveredAgent
     token: str | None
     timeout: float
-    client: AsyncClient | None = None
+    connect: Connect
+    client: AgentConnection | None = None
     address: str | None = None
     info: dict[str, Any] | None = None  # its entry in ``collections``
     started: float = field(default_factory=time.monotonic)
@@ -184,7 +200,7 @@ class _Agent:
             raise ConnectionFailed(f"{self.agent.label()} announced no address")
         last: ConnectionFailed | None = None
         for endpoint in endpoints:
-            client = AsyncClient(endpoint, timeout=self.timeout, token=self.token)
+            client = self.connect(endpoint, self.timeout, self.token)
             self.address = endpoint
             try:
                 result = await getattr(client, method)(*args, **kwargs)
@@ -270,9 +286,10 @@ def _token_for(agent: DiscoveredAgent, token: str | Mapping[str, str] | None) ->
     return token.get("*")
 
 
-async def async_fleet_search(
+async def search_fleet(
     collection: str,
     *,
+    connect: Connect,
     text: str | None = None,
     vector: Any = None,
     k: int = 10,
@@ -305,7 +322,7 @@ async def async_fleet_search(
         query_dims = int(vector.shape[0])
     if agents is None:
         agents = await async_browse(browse_timeout, interfaces=interfaces)
-    states = [_Agent(agent, _token_for(agent, token), timeout) for agent in agents]
+    states = [_Agent(agent, _token_for(agent, token), timeout, connect) for agent in agents]
     outcomes: dict[int, AgentOutcome] = {}
     try:
         # Round 1: who has the collection, made with which model.
@@ -387,12 +404,3 @@ async def _list(state: _Agent, collection: str) -> AgentOutcome | None:
             state.info = entry
             return None
     return state.outcome(NO_COLLECTION, f"no collection {collection!r}")
-
-
-def fleet_search(collection: str, **kwargs: Any) -> FleetResult:
-    """Blocking ``async_fleet_search`` (same arguments)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(async_fleet_search(collection, **kwargs))
-    raise InvalidArgument("called from a running event loop: use async_fleet_search")

@@ -23,7 +23,7 @@ QUANT_FTYPES = {
 def quantize(source: Path, target: Path, quant: str, threads: int = 0) -> None:
     import llama_cpp  # deferred: importing it loads the engine library
 
-    from ..embedding.engine import route_engine_logs
+    from .llama_backend import route_engine_logs
 
     route_engine_logs()
     if quant not in QUANT_FTYPES:

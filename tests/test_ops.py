@@ -186,7 +186,7 @@ def test_json_lines_keep_types_and_cannot_be_spoofed() -> None:
         "batch",
         3,
         2.5,
-        "edge_agent.daemon.app",
+        "edge_agent.app",
     )
     try:
         raise ValueError("boom")

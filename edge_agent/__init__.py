@@ -1,7 +1,9 @@
 """edge-agent: an on-device text-embedding agent.
 
-The public surface. Importing this package loads no engine code: the embedder (llama.cpp) is
-imported lazily on first use, so clients stay light.
+The public surface: the clients, the embedder, the model store, LAN browse and fleet search,
+and every error a caller can meet (all of ``edge_agent.errors``, wire-visible or local).
+Importing this package loads no engine code: the embedder (llama.cpp) is imported lazily on
+first use, so clients stay light.
 """
 
 from __future__ import annotations
@@ -9,17 +11,45 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    AgentNotFound,
+    AlreadyRunning,
+    AuthFailed,
+    AuthRequired,
+    BadRequest,
+    BadResponse,
+    CollectionExists,
+    CollectionNotFound,
+    ConfigError,
+    ConnectionFailed,
     DimensionsNotSupported,
+    DiscoveryError,
+    DocumentExists,
     DownloadError,
     EdgeAgentError,
     EmptyText,
     EngineError,
     ErrorCode,
+    IndexBusy,
+    IndexCorrupt,
+    IndexFull,
+    InsecureListen,
+    InsufficientMemory,
     IntegrityError,
     InvalidArgument,
+    MalformedFrame,
+    MessageTooLarge,
     ModelFileError,
+    ModelMismatch,
     ModelNotFound,
+    NoUsableModel,
+    Overloaded,
+    ProfileError,
+    ProtocolError,
+    RequestTimeout,
+    ShuttingDown,
     TextTooLong,
+    UnknownMethod,
+    UnsupportedPlatform,
 )
 
 if TYPE_CHECKING:
@@ -33,9 +63,21 @@ if TYPE_CHECKING:
 from ._version import __version__
 
 __all__ = [
+    "AgentNotFound",
+    "AlreadyRunning",
     "AsyncClient",
+    "AuthFailed",
+    "AuthRequired",
+    "BadRequest",
+    "BadResponse",
     "Client",
+    "CollectionExists",
+    "CollectionNotFound",
+    "ConfigError",
+    "ConnectionFailed",
     "DimensionsNotSupported",
+    "DiscoveryError",
+    "DocumentExists",
     "DownloadError",
     "EdgeAgentError",
     "EmbedResult",
@@ -45,13 +87,29 @@ __all__ = [
     "EmptyText",
     "EngineError",
     "ErrorCode",
+    "IndexBusy",
+    "IndexCorrupt",
+    "IndexFull",
+    "InsecureListen",
+    "InsufficientMemory",
     "IntegrityError",
     "InvalidArgument",
+    "MalformedFrame",
+    "MessageTooLarge",
     "ModelFileError",
+    "ModelMismatch",
     "ModelNotFound",
     "ModelStore",
+    "NoUsableModel",
+    "Overloaded",
     "ProcessEmbedder",
+    "ProfileError",
+    "ProtocolError",
+    "RequestTimeout",
+    "ShuttingDown",
     "TextTooLong",
+    "UnknownMethod",
+    "UnsupportedPlatform",
     "__version__",
     "browse",
     "fleet_search",

@@ -2,8 +2,10 @@
 
 Codes are part of the wire protocol (docs/protocol.md): never renumber, only add. They are
 grouped by what the caller can do about them: fix the request (1xx), fix the setup (2xx),
-retry later (3xx), or report a bug (5xx). Protocol-level codes (4xx) live in
-edge_agent/protocol.py (``ProtocolCode``); 45x are client-side only and never on the wire.
+retry later (3xx), the protocol itself (4xx; 45x are raised locally by clients and the daemon
+and never sent), report a bug (5xx), the local index (6xx), LAN discovery (7xx). One code
+space (``ErrorCode``; ``edge_agent.protocol.ProtocolCode`` is another name for it), one
+exception class per code, and every class is exported from ``edge_agent``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,20 @@ class ErrorCode(IntEnum):
     CONFIG_ERROR = 209  # a setting (file, environment or flag) is unknown or out of range
     # Transient: retrying may work.
     ENGINE_ERROR = 300
+    # The protocol (edge_agent.protocol). Sent on the wire:
+    BAD_REQUEST = 400  # valid msgpack but not a valid request (shape, params convention)
+    UNKNOWN_METHOD = 401
+    MESSAGE_TOO_LARGE = 402  # fatal: the connection is closed
+    OVERLOADED = 403  # retry later: the queue or the connection table is full
+    SHUTTING_DOWN = 404  # retry later, against the next daemon
+    MALFORMED_FRAME = 405  # fatal: the bytes are not msgpack; the connection is closed
+    AUTH_REQUIRED = 406  # TCP: call auth first (only hello and auth work before it)
+    AUTH_FAILED = 407  # fatal: wrong token; the connection is closed
+    # Raised locally by clients and the daemon; never sent on the wire.
+    CONNECTION_FAILED = 450
+    TIMEOUT = 451
+    BAD_RESPONSE = 452  # the server's reply does not follow this protocol
+    ALREADY_RUNNING = 453  # another daemon is listening on the socket
     # A bug on our side.
     INTERNAL = 500
     # The local index (edge_agent/index): collections on disk.
@@ -185,8 +201,95 @@ _BY_CODE: dict[int, type[EdgeAgentError]] = {
 
 
 def error_for_code(code: int) -> type[EdgeAgentError]:
-    """The exception class for a wire error code (the root class for unknown codes)."""
+    """The exception class for any error code (the root class for unknown codes)."""
     return _BY_CODE.get(code, EdgeAgentError)
+
+
+# -- the protocol (4xx) -------------------------------------------------------------------------
+
+
+class ProtocolError(EdgeAgentError):
+    code = ErrorCode.BAD_REQUEST
+
+
+class BadRequest(ProtocolError, ValueError):
+    code = ErrorCode.BAD_REQUEST
+
+
+class UnknownMethod(ProtocolError, LookupError):
+    code = ErrorCode.UNKNOWN_METHOD
+
+
+class MessageTooLarge(ProtocolError):
+    code = ErrorCode.MESSAGE_TOO_LARGE
+
+
+class Overloaded(ProtocolError):
+    code = ErrorCode.OVERLOADED
+
+
+class ShuttingDown(ProtocolError):
+    code = ErrorCode.SHUTTING_DOWN
+
+
+class MalformedFrame(ProtocolError):
+    code = ErrorCode.MALFORMED_FRAME
+
+
+class AuthRequired(ProtocolError, PermissionError):
+    code = ErrorCode.AUTH_REQUIRED
+
+
+class AuthFailed(ProtocolError, PermissionError):
+    code = ErrorCode.AUTH_FAILED
+
+
+class ConnectionFailed(ProtocolError, ConnectionError):
+    code = ErrorCode.CONNECTION_FAILED
+
+
+class RequestTimeout(ProtocolError, TimeoutError):
+    code = ErrorCode.TIMEOUT
+
+
+class BadResponse(ProtocolError):
+    code = ErrorCode.BAD_RESPONSE
+
+
+class AlreadyRunning(ProtocolError):
+    code = ErrorCode.ALREADY_RUNNING
+
+
+_PROTOCOL_ERRORS: tuple[type[EdgeAgentError], ...] = (
+    BadRequest,
+    UnknownMethod,
+    MessageTooLarge,
+    Overloaded,
+    ShuttingDown,
+    MalformedFrame,
+    AuthRequired,
+    AuthFailed,
+    ConnectionFailed,
+    RequestTimeout,
+    BadResponse,
+    AlreadyRunning,
+)
+_BY_CODE.update({cls.code: cls for cls in _PROTOCOL_ERRORS})
+__all__ += [
+    "AlreadyRunning",
+    "AuthFailed",
+    "AuthRequired",
+    "BadRequest",
+    "BadResponse",
+    "ConnectionFailed",
+    "MalformedFrame",
+    "MessageTooLarge",
+    "Overloaded",
+    "ProtocolError",
+    "RequestTimeout",
+    "ShuttingDown",
+    "UnknownMethod",
+]
 
 
 # -- the local index (6xx) ----------------------------------------------------------------------

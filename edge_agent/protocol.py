@@ -14,15 +14,28 @@ import functools
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Any, Final
 
 import msgpack
 import numpy as np
 
 from .errors import (
+    AlreadyRunning,
+    AuthFailed,
+    AuthRequired,
+    BadRequest,
+    BadResponse,
+    ConnectionFailed,
     EdgeAgentError,
+    ErrorCode,
     InvalidArgument,
+    MalformedFrame,
+    MessageTooLarge,
+    Overloaded,
+    ProtocolError,
+    RequestTimeout,
+    ShuttingDown,
+    UnknownMethod,
     error_for_code,
 )
 from .texts import check_text
@@ -106,92 +119,11 @@ LONG_TEXT_MODES: Final = ("truncate", "chunk", "error")
 _MSGID_MAX: Final = 2**32 - 1  # msgpack-rpc msgids are 32-bit unsigned
 
 
-class ProtocolCode(IntEnum):
-    """Protocol-level codes, in 4xx so they never collide with errors.ErrorCode.
+# One code space: the protocol's codes (4xx) are ErrorCode members; the old name stays.
+ProtocolCode = ErrorCode
 
-    Stable like ErrorCode: never renumber, only add.
-    """
-
-    # Sent on the wire.
-    BAD_REQUEST = 400  # valid msgpack but not a valid request (shape, params convention)
-    UNKNOWN_METHOD = 401
-    MESSAGE_TOO_LARGE = 402  # fatal: the connection is closed
-    OVERLOADED = 403  # retry later: the queue or the connection table is full
-    SHUTTING_DOWN = 404  # retry later, against the next daemon
-    MALFORMED_FRAME = 405  # fatal: the bytes are not msgpack; the connection is closed
-    AUTH_REQUIRED = 406  # TCP: call auth first (only hello and auth work before it)
-    AUTH_FAILED = 407  # fatal: wrong token; the connection is closed
-    # Raised locally by clients and the daemon; never sent on the wire.
-    CONNECTION_FAILED = 450
-    TIMEOUT = 451
-    BAD_RESPONSE = 452  # the server's reply does not follow this protocol
-    ALREADY_RUNNING = 453  # another daemon is listening on the socket
-
-
-class ProtocolError(EdgeAgentError):
-    code = ProtocolCode.BAD_REQUEST  # type: ignore[assignment]  # errors.py types it ErrorCode
-
-
-class BadRequest(ProtocolError, ValueError):
-    code = ProtocolCode.BAD_REQUEST  # type: ignore[assignment]
-
-
-class UnknownMethod(ProtocolError, LookupError):
-    code = ProtocolCode.UNKNOWN_METHOD  # type: ignore[assignment]
-
-
-class MessageTooLarge(ProtocolError):
-    code = ProtocolCode.MESSAGE_TOO_LARGE  # type: ignore[assignment]
-
-
-class Overloaded(ProtocolError):
-    code = ProtocolCode.OVERLOADED  # type: ignore[assignment]
-
-
-class ShuttingDown(ProtocolError):
-    code = ProtocolCode.SHUTTING_DOWN  # type: ignore[assignment]
-
-
-class MalformedFrame(ProtocolError):
-    code = ProtocolCode.MALFORMED_FRAME  # type: ignore[assignment]
-
-
-class AuthRequired(ProtocolError, PermissionError):
-    code = ProtocolCode.AUTH_REQUIRED  # type: ignore[assignment]
-
-
-class AuthFailed(ProtocolError, PermissionError):
-    code = ProtocolCode.AUTH_FAILED  # type: ignore[assignment]
-
-
-class ConnectionFailed(ProtocolError, ConnectionError):
-    code = ProtocolCode.CONNECTION_FAILED  # type: ignore[assignment]
-
-
-class RequestTimeout(ProtocolError, TimeoutError):
-    code = ProtocolCode.TIMEOUT  # type: ignore[assignment]
-
-
-class BadResponse(ProtocolError):
-    code = ProtocolCode.BAD_RESPONSE  # type: ignore[assignment]
-
-
-class AlreadyRunning(ProtocolError):
-    code = ProtocolCode.ALREADY_RUNNING  # type: ignore[assignment]
-
-
-_PROTOCOL_CLASSES: dict[int, type[EdgeAgentError]] = {
-    cls.code: cls
-    for cls in (
-        BadRequest, UnknownMethod, MessageTooLarge, Overloaded, ShuttingDown, MalformedFrame,
-        AuthRequired, AuthFailed, ConnectionFailed, RequestTimeout, BadResponse, AlreadyRunning,
-    )
-}
-
-
-def exception_class(code: int) -> type[EdgeAgentError]:
-    """The exception class for any code, protocol-level or errors.ErrorCode."""
-    return _PROTOCOL_CLASSES.get(code) or error_for_code(code)
+# The exception class for any code, protocol-level or not.
+exception_class = error_for_code
 
 
 # -- limits ---------------------------------------------------------------------------------------

@@ -445,9 +445,39 @@ def test_errors_survive_the_wire(code: int) -> None:
     assert received.data == sent.data
 
 
-def test_protocol_and_error_codes_do_not_overlap() -> None:
-    assert not {int(c) for c in ErrorCode} & {int(c) for c in ProtocolCode}
-    assert all(400 <= int(c) < 500 for c in ProtocolCode)
+def test_one_code_space_with_one_class_per_code() -> None:
+    # ProtocolCode is the same enum: the protocol's codes are the 4xx of ErrorCode.
+    assert ProtocolCode is ErrorCode
+    assert all(400 <= int(c) < 500 for c in ErrorCode if c.name in _PROTOCOL_NAMES)
+    classes = [
+        getattr(errors, name)
+        for name in errors.__all__
+        if isinstance(getattr(errors, name), type) and issubclass(getattr(errors, name), Exception)
+    ]
+    codes = [cls.code for cls in classes if cls is not errors.ProtocolError]
+    assert len(codes) == len(set(codes)), "two classes share a code"
+    # Every code has its class, so a caller can catch whatever arrives over the wire.
+    for code in ErrorCode:
+        assert exception_class(code).code == code or code == ErrorCode.INTERNAL
+
+
+_PROTOCOL_NAMES = {
+    "BAD_REQUEST", "UNKNOWN_METHOD", "MESSAGE_TOO_LARGE", "OVERLOADED", "SHUTTING_DOWN",
+    "MALFORMED_FRAME", "AUTH_REQUIRED", "AUTH_FAILED", "CONNECTION_FAILED", "TIMEOUT",
+    "BAD_RESPONSE", "ALREADY_RUNNING",
+}
+
+
+def test_every_error_is_exported_from_the_package() -> None:
+    import edge_agent
+
+    for name in errors.__all__:
+        if name == "error_for_code":
+            continue
+        assert name in edge_agent.__all__, name
+        assert getattr(edge_agent, name) is getattr(errors, name)
+    for name in ("ConnectionFailed", "Overloaded", "CollectionNotFound", "RequestTimeout"):
+        assert issubclass(getattr(edge_agent, name), edge_agent.EdgeAgentError)
 
 
 def test_errors_py_classes_are_reused() -> None:

@@ -13,6 +13,8 @@ run: deps model
 
 test: deps $(STAMP)/test-deps
 	$(VENV)/bin/ruff check edge_agent tests bench packaging
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy edge_agent
 	$(PY) -m pytest -q tests
 
 # Long campaigns that do not fit `make test`: hundreds of SIGKILLs of an index writer.
@@ -21,6 +23,8 @@ soak: deps $(STAMP)/test-deps
 
 lint: $(STAMP)/test-deps
 	$(VENV)/bin/ruff check edge_agent tests bench packaging
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy edge_agent
 
 bench: deps $(STAMP)/bench-deps model
 	$(PY) bench/embed_quality.py

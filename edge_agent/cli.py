@@ -8,10 +8,14 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import EdgeAgentError, InvalidArgument
 from .paths import default_paths
+
+if TYPE_CHECKING:
+    from .embedding.embedder import Embeddings
+    from .protocol import EmbedResult
 
 __all__ = ["main"]
 
@@ -212,7 +216,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         with Embedder.open(
             _store(args), args.model, args.quant, _embedder_config(args)
         ) as embedder:
-            result = embedder.embed(texts, **options)
+            result: Embeddings | EmbedResult = embedder.embed(texts, **options)
     else:
         from .client import Client
 

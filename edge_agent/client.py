@@ -407,6 +407,7 @@ class Client:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 sock.settimeout(self._remaining(deadline))
                 try:
+                    assert endpoint.path is not None  # not TCP: a socket path
                     sock.connect(os.fspath(endpoint.path))
                 except BaseException:
                     sock.close()
@@ -780,11 +781,12 @@ class AsyncClient:
             def factory() -> _AsyncConnection:
                 return _AsyncConnection(endpoint, self._limits)
 
-            opening = (
-                loop.create_connection(factory, endpoint.host, endpoint.port)
-                if endpoint.is_tcp
-                else loop.create_unix_connection(factory, os.fspath(endpoint.path))
-            )
+            if endpoint.is_tcp:
+                assert endpoint.host is not None and endpoint.port is not None
+                opening = loop.create_connection(factory, endpoint.host, endpoint.port)
+            else:
+                assert endpoint.path is not None
+                opening = loop.create_unix_connection(factory, os.fspath(endpoint.path))
             try:
                 async with asyncio.timeout(self.timeout):
                     transport, conn = await opening

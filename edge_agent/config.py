@@ -28,7 +28,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import platformdirs
 
@@ -764,7 +764,7 @@ def load_config(
             f"{len(errors)} configuration errors:{listed}", errors=errors, path=str(path)
         )
     warnings = _environment_warnings(env)
-    profile, reasons = None, ()
+    profile, reasons = None, cast(tuple[str, ...], ())
     if with_profile:
         profile, reasons = _apply_profile(values, host, profiles)
     _check_combinations(values)

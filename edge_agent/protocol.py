@@ -14,7 +14,7 @@ import functools
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 import msgpack
 import numpy as np
@@ -424,7 +424,7 @@ class Response:
     result: Any
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -757,7 +757,7 @@ class AddArgs:
                 raise InvalidArgument(
                     f"docs[{index}].id must be a string", argument="docs", index=index
                 )
-            check_text(index, text)
+            text = check_text(index, text)
             if metadata is not None and not isinstance(metadata, dict):
                 raise InvalidArgument(
                     f"docs[{index}].metadata must be a map", argument="docs", index=index

@@ -150,7 +150,7 @@ class _Writer:
             if isinstance(head, _Call):
                 self._run(head.future, head.run)
             elif len(group) == 1:
-                self._put([head])  # type: ignore[list-item]
+                self._put([head])
             else:
                 self._put(group)  # type: ignore[arg-type]
 
@@ -494,7 +494,7 @@ class IndexService:
                 fingerprint,
                 [doc.id for doc in args.docs],
                 vectors,
-                texts if args.store_text else None,
+                list[str | None](texts) if args.store_text else None,
                 [doc.metadata for doc in args.docs],
                 replace=args.if_exists == "replace",
             )

@@ -243,6 +243,7 @@ class _Connection(asyncio.Protocol):
         if refusal is not None:
             self.broken = True
             with contextlib.suppress(Exception):
+                assert isinstance(transport, asyncio.WriteTransport)
                 transport.write(
                     encode_notification(ERROR_NOTIFICATION, {"error": error_to_wire(refusal)})
                 )

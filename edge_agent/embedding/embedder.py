@@ -8,6 +8,7 @@ input fails fast with a typed error and never reaches the engine.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -44,6 +45,10 @@ KINDS = ("document", "query")
 LONG_TEXT_MODES = ("truncate", "chunk", "error")
 POOLING_LAST = 3
 _PLACEHOLDER = re.compile(r"\{(task|text)\}")
+
+
+def _placeholder(values: dict[str, str], match: re.Match[str]) -> str:
+    return values[match.group(1)]
 
 
 def available_cpus() -> int:
@@ -167,10 +172,24 @@ class ModelHandle:
     def close(self) -> None:
         raise NotImplementedError
 
-    def embed(self, texts: Sequence[str], **options: Any) -> Embeddings:
+    def embed(
+        self,
+        texts: Sequence[str],
+        kind: Kind = "document",
+        instruction: str | None = None,
+        dimensions: int | None = None,
+        long_text: LongText = "truncate",
+    ) -> Embeddings:
         raise NotImplementedError
 
-    def submit(self, texts: Sequence[str], **options: Any) -> asyncio.Future[Embeddings]:
+    def submit(
+        self,
+        texts: Sequence[str],
+        kind: Kind = "document",
+        instruction: str | None = None,
+        dimensions: int | None = None,
+        long_text: LongText = "truncate",
+    ) -> asyncio.Future[Embeddings]:
         """Start ``embed`` from an event loop; the future holds the Embeddings or the error."""
         raise NotImplementedError
 
@@ -330,7 +349,7 @@ class Embedder(ModelHandle):
                 # One pass, so a "{text}" inside the instruction (or "{task}" in the text) stays
                 # literal instead of being substituted again.
                 values = {"task": task or "", "text": text}
-                text = _PLACEHOLDER.sub(lambda m, v=values: v[m.group(1)], template)
+                text = _PLACEHOLDER.sub(functools.partial(_placeholder, values), template)
             formatted.append(text)
         return formatted
 

@@ -12,6 +12,7 @@ import ctypes
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -59,14 +60,16 @@ class Engine:
 
         batch, threads = settings.batch_tokens, settings.threads
         self.threads = threads
-        self._ctx = self._context(batch, settings.max_sequences, threads, settings.flash_attention)
+        self._ctx: ctypes.c_void_p | None = self._context(
+            batch, settings.max_sequences, threads, settings.flash_attention
+        )
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
             raise EngineError(f"llama.cpp could not create a context for {path}")
         self.pooling = int(llama_cpp.llama_pooling_type(self._ctx))
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.solo_tokens = min(settings.solo_tokens, settings.batch_tokens)
-        self._solo_ctx = None
+        self._solo_ctx: ctypes.c_void_p | None = None
         self._solo_memory = None
         if self.solo_tokens > 0 and settings.flash_attention is not False:
             self._solo_ctx = self._context(self.solo_tokens, 1, settings.threads, False)
@@ -91,15 +94,17 @@ class Engine:
         self._logits = np.ones(capacity, dtype=np.int8)  # embeddings need every token as output
         self._seq_values = np.arange(settings.max_sequences, dtype=np.int32)
         self._seq_ptrs = np.zeros(capacity, dtype=np.uintp)
-        self._batch = llama_cpp.llama_batch()
-        self._batch.token = self._tokens.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token))
-        self._batch.embd = None
-        self._batch.pos = self._pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
-        self._batch.n_seq_id = self._n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        self._batch.seq_id = self._seq_ptrs.ctypes.data_as(
+        # Any: the bindings type these fields as arrays; they take the pointers set here.
+        lb: Any = llama_cpp.llama_batch()
+        lb.token = self._tokens.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token))
+        lb.embd = None
+        lb.pos = self._pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
+        lb.n_seq_id = self._n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        lb.seq_id = self._seq_ptrs.ctypes.data_as(
             ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id))
         )
-        self._batch.logits = self._logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        lb.logits = self._logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self._batch = lb
         self._token_buffer = (llama_cpp.llama_token * 4096)()
 
     def _context(

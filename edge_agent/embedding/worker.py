@@ -330,6 +330,8 @@ class ProcessEmbedder(ModelHandle):
 
     def _send(self, request: tuple[Any, ...]) -> None:
         try:
+            if self._conn is None:
+                raise ValueError("no engine process")  # as a closed connection would
             _put(self._conn, request)
         except (OSError, ValueError) as exc:
             self._reap()

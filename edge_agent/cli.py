@@ -1,4 +1,4 @@
-"""The ``edge-agent`` command. The only module that exits the process."""
+"""The ``edge-agent`` command line (developers: the only module that exits the process)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,16 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 log = logging.getLogger("edge_agent.cli")
+
+DESCRIPTION = """\
+edge-agent turns text into embedding vectors on this machine and keeps them searchable.
+It runs a small llama.cpp model locally (no cloud), stores vectors in on-disk collections,
+and serves both over a local socket (and optionally TCP, found on the LAN by mDNS).
+
+  edge-agent serve                      start the daemon
+  edge-agent embed "some text"          print a vector
+  edge-agent add notes file.txt         index documents; then: edge-agent search notes "query"
+"""
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -573,7 +583,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .models.default import DEFAULT_MODEL
 
     paths = default_paths()
-    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="edge-agent",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     # Defaults of None are filled from the configuration (flag > env > config file > default)
     # by _prepare before a command runs: see `edge-agent config show`.
     parser.add_argument(

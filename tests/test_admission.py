@@ -30,8 +30,8 @@ import pytest
 from daemon import ServerThread, options_for
 from lan import ROOT, Lan, namespaces_available
 
-from edge_agent import server as server_module
 from edge_agent.client import Client, parse_address
+from edge_agent.daemon import server as server_module
 from edge_agent.daemon.server import listen_backlog, source_of
 from edge_agent.logs import KeyValueFormatter, LogLimiter
 from edge_agent.models import ModelStore

@@ -27,10 +27,10 @@ import numpy as np
 import pytest
 from daemon import CONFIG, MAX_MESSAGE, ServerThread, options_for
 
-from edge_agent import embedder as embedder_module
 from edge_agent import protocol
 from edge_agent.client import AsyncClient, Client
 from edge_agent.daemon.app import run_server
+from edge_agent.embedding import embedder as embedder_module
 from edge_agent.embedding.embedder import Embedder
 from edge_agent.errors import (
     DimensionsNotSupported,

@@ -83,6 +83,17 @@ def test_token_client_gets_everything(daemon: ServerThread) -> None:
         assert c.search("tcp", "TCP")[0].id == "a"
 
 
+def test_stats_count_tcp_connections(daemon: ServerThread) -> None:
+    # Regression: the count once compared the transport object with the string "tcp" (always 0).
+    with Client(daemon.tcp_address, timeout=60.0, token=TOKEN) as c:
+        over_tcp = c.stats()["transport"]["tcp_connections"]
+        assert over_tcp >= 1
+        with Client(daemon.socket_path, timeout=60.0) as local:
+            assert local.stats()["transport"]["tcp_connections"] == over_tcp
+        with Client(daemon.tcp_address, timeout=60.0, token=TOKEN) as second:
+            assert second.stats()["transport"]["tcp_connections"] == over_tcp + 1
+
+
 def test_async_client_over_tcp(daemon: ServerThread) -> None:
     async def run() -> int:
         async with AsyncClient(daemon.tcp_address, timeout=60.0, token=TOKEN) as c:

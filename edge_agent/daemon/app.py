@@ -223,6 +223,10 @@ async def run_server(
     )
     index_dir = _index_dir(options)
     index = IndexService(IndexStore(index_dir, options.index), service)
+    for name, args_type, handler in index.methods():
+        service.register(name, args_type, handler)
+    service.health_sections["index"] = index.health
+    service.stats_sections["index"] = index.stats
     server = Server(
         service,
         socket_path,
@@ -236,6 +240,8 @@ async def run_server(
         max_preauth_per_source=options.max_preauth_per_source,
         idle_timeout=options.idle_timeout,
     )
+    service.transport_limits.update(server.transport_limits())
+    service.transport_stats = server.stats
     metrics: MetricsServer | None = None
     advertiser: Advertiser | None = None
     try:

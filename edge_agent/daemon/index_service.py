@@ -235,18 +235,30 @@ class IndexService:
         self._roots = sorted(
             {str(root), str(root.absolute()), str(root.resolve())}, key=len, reverse=True
         )
-        for name, args_type, handler in (
-            ("add", AddArgs, self._add),
-            ("add_vectors", AddVectorsArgs, self._add_vectors),
-            ("search", SearchArgs, self._search),
-            ("get", GetArgs, self._get),
-            ("delete", DeleteArgs, self._delete),
-            ("count", CountArgs, self._count),
-            ("collections", CollectionsArgs, self._collections),
-        ):
-            service.register(name, args_type, self._guard(name, handler))
-        service.health_sections["index"] = self._health
-        service.stats_sections["index"] = self._stats
+
+    def methods(self) -> list[tuple[str, type[Any], Callable[[Any], Any]]]:
+        """The wire methods this serves, (name, argument class, handler): the composition
+        root (daemon/app.py) registers them with the Service."""
+        return [
+            (name, args_type, self._guard(name, handler))
+            for name, args_type, handler in (
+                ("add", AddArgs, self._add),
+                ("add_vectors", AddVectorsArgs, self._add_vectors),
+                ("search", SearchArgs, self._search),
+                ("get", GetArgs, self._get),
+                ("delete", DeleteArgs, self._delete),
+                ("count", CountArgs, self._count),
+                ("collections", CollectionsArgs, self._collections),
+            )
+        ]
+
+    def health(self) -> dict[str, Any]:
+        """The ``index`` section of ``health``."""
+        return self._health()
+
+    def stats(self) -> dict[str, Any]:
+        """The ``index`` section of ``stats``."""
+        return self._stats()
 
     # -- lifecycle --------------------------------------------------------------------------------
 

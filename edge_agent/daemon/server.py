@@ -625,24 +625,31 @@ class Server:
         self.protocol_errors = 0
         self.auth_failures = 0
         self.http_rejected = 0
-        service.transport_limits.update(
-            max_message_bytes=self.limits.max_message_bytes,
-            max_array_len=self.limits.max_array_len,
-            max_map_len=self.limits.max_map_len,
-            max_connections=max_connections,
-            max_in_flight_per_connection=max_in_flight,
-            idle_timeout_s=idle_timeout,
-            listen_backlog=self.listen_backlog,
-        )
+        self._limits_report: dict[str, Any] = {
+            "max_message_bytes": self.limits.max_message_bytes,
+            "max_array_len": self.limits.max_array_len,
+            "max_map_len": self.limits.max_map_len,
+            "max_connections": max_connections,
+            "max_in_flight_per_connection": max_in_flight,
+            "idle_timeout_s": idle_timeout,
+            "listen_backlog": self.listen_backlog,
+        }
         if tcp is not None:
-            service.transport_limits.update(
+            self._limits_report.update(
                 preauth_max_message_bytes=PREAUTH_MAX_BYTES,
                 auth_timeout_s=auth_timeout,
                 first_byte_timeout_s=first_byte_timeout,
                 max_preauth_connections=max_preauth_connections,
                 max_preauth_per_source=max_preauth_per_source,
             )
-        service.transport_stats = self._stats
+
+    def transport_limits(self) -> dict[str, Any]:
+        """The limits this transport enforces (``hello``'s ``limits``)."""
+        return dict(self._limits_report)
+
+    def stats(self) -> dict[str, Any]:
+        """The ``transport`` section of ``stats``."""
+        return self._stats()
 
     @property
     def address(self) -> str:

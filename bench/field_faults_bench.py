@@ -188,7 +188,7 @@ def search_during_bulk(
 
 def bulk_round(socket_path: Path, chunks: list[str], collection: str) -> list[str]:
     with Client(socket_path, timeout=600) as searcher:
-        searcher.add(collection, [f"seed-{i}" for i in range(8)], chunks[:8])
+        searcher.add(collection, [(f"seed-{i}", chunk) for i, chunk in enumerate(chunks[:8])])
 
         def search_for(seconds: float | None, stop: threading.Event | None) -> list[float]:
             latencies = []
@@ -212,7 +212,8 @@ def bulk_round(socket_path: Path, chunks: list[str], collection: str) -> list[st
                 for start in range(0, len(chunks), 64):
                     part = chunks[start : start + 64]
                     writer.add(
-                        collection, [f"{collection}-{start + i}" for i in range(len(part))], part
+                        collection,
+                        [(f"{collection}-{start + i}", text) for i, text in enumerate(part)],
                     )
                 bulk["docs_per_s"] = len(chunks) / (time.perf_counter() - started)
             done.set()

@@ -288,8 +288,17 @@ def _search_args(
     ef: int | None,
     instruction: str | None,
     include_text: bool,
+    mode: str | None = None,
+    fusion: str | None = None,
+    weight: float | None = None,
+    explain: bool = False,
 ) -> dict[str, Any]:
     args: dict[str, Any] = {"collection": collection, "k": k, "include_text": include_text}
+    for name, value in (("mode", mode), ("fusion", fusion), ("weight", weight)):
+        if value is not None:
+            args[name] = value
+    if explain:
+        args["explain"] = True
     if text is not None:
         args["text"] = text
     if vector is not None:
@@ -569,9 +578,19 @@ class Client:
         ef: int | None = None,
         instruction: str | None = None,
         include_text: bool = True,
+        mode: str | None = None,
+        fusion: str | None = None,
+        weight: float | None = None,
+        explain: bool = False,
     ) -> list[SearchHit]:
-        """Top-k by cosine similarity, best first; by query ``text`` or a ``vector``."""
-        args = _search_args(collection, text, vector, k, filter, ef, instruction, include_text)
+        """Top-k, best first, by query ``text`` or a ``vector``. ``mode``: "dense"
+        (embedding similarity), "keyword" (BM25), "hybrid" (both fused: ``fusion`` "rrf" or
+        "weighted" with ``weight`` for the dense part); unset: hybrid for a text query on a
+        collection with texts, else dense. ``explain``: hits carry both component scores."""
+        args = _search_args(
+            collection, text, vector, k, filter, ef, instruction, include_text,
+            mode, fusion, weight, explain,
+        )  # fmt: skip
         return _hits(self.call("search", args))
 
     def get(
@@ -903,9 +922,19 @@ class AsyncClient:
         ef: int | None = None,
         instruction: str | None = None,
         include_text: bool = True,
+        mode: str | None = None,
+        fusion: str | None = None,
+        weight: float | None = None,
+        explain: bool = False,
     ) -> list[SearchHit]:
-        """Top-k by cosine similarity, best first; by query ``text`` or a ``vector``."""
-        args = _search_args(collection, text, vector, k, filter, ef, instruction, include_text)
+        """Top-k, best first, by query ``text`` or a ``vector``. ``mode``: "dense"
+        (embedding similarity), "keyword" (BM25), "hybrid" (both fused: ``fusion`` "rrf" or
+        "weighted" with ``weight`` for the dense part); unset: hybrid for a text query on a
+        collection with texts, else dense. ``explain``: hits carry both component scores."""
+        args = _search_args(
+            collection, text, vector, k, filter, ef, instruction, include_text,
+            mode, fusion, weight, explain,
+        )  # fmt: skip
         return _hits(await self.call("search", args))
 
     async def get(

@@ -114,6 +114,8 @@ ERROR_NOTIFICATION: Final = "error"
 # Kept here rather than imported from the embedder so that clients never import llama.cpp;
 # tests/test_server.py checks they agree with edge_agent.embedding.embedder.
 KINDS: Final = ("document", "query")
+SEARCH_MODES: Final = ("dense", "keyword", "hybrid")
+FUSIONS: Final = ("rrf", "weighted")  # = edge_agent.index.fusion.FUSIONS (tested)
 LONG_TEXT_MODES: Final = ("truncate", "chunk", "error")
 
 _MSGID_MAX: Final = 2**32 - 1  # msgpack-rpc msgids are 32-bit unsigned
@@ -821,6 +823,11 @@ class AddVectorsArgs:
 
 @dataclass(frozen=True)
 class SearchArgs:
+    """``mode``: "dense" (embedding similarity), "keyword" (BM25 over stored texts),
+    "hybrid" (both, fused by ``fusion``: "rrf" or "weighted" with ``weight`` for the dense
+    part), or None: hybrid for a text query on a collection that stores texts, else dense.
+    ``explain``: hits also carry ``dense_score`` and ``keyword_score``."""
+
     collection: str
     text: str | None = None
     vector: np.ndarray | None = None
@@ -829,6 +836,10 @@ class SearchArgs:
     ef: int | None = None
     instruction: str | None = None
     include_text: bool = True
+    mode: str | None = None
+    fusion: str = "rrf"
+    weight: float | None = None
+    explain: bool = False
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> SearchArgs:
@@ -837,18 +848,29 @@ class SearchArgs:
             args,
             (
                 "collection", "text", "vector", "dims", "k", "filter", "ef", "instruction",
-                "include_text",
+                "include_text", "mode", "fusion", "weight", "explain",
             ),
         )
         collection = _string("search", args, "collection")
         text = args.get("text")
         has_vector = args.get("vector") is not None
-        if (text is None) == (not has_vector):
+        mode = args.get("mode")
+        if mode is not None and mode not in SEARCH_MODES:
+            raise InvalidArgument(
+                f"mode must be one of {SEARCH_MODES}, got {mode!r:.50}", argument="mode"
+            )
+        if mode in ("keyword", "hybrid"):
+            # Words are needed; hybrid may bring its own vector for the dense side.
+            if text is None:
+                raise InvalidArgument(f'mode "{mode}" needs a query text', argument="text")
+            if mode == "keyword" and has_vector:
+                raise InvalidArgument('mode "keyword" takes no vector', argument="vector")
+        elif (text is None) == (not has_vector):
             raise InvalidArgument("search needs exactly one of text or vector", argument="text")
         vector = None
         if has_vector:
             vector = request_vectors({"vectors": args["vector"], "dims": args.get("dims")}, 1)[0]
-        else:
+        if text is not None:
             check_text(0, text)
         k = _optional_int(args, "k")
         filter_ = args.get("filter")
@@ -857,6 +879,15 @@ class SearchArgs:
         instruction = args.get("instruction")
         if instruction is not None and (not isinstance(instruction, str) or not instruction):
             raise InvalidArgument("instruction must be a non-empty string", argument="instruction")
+        weight = args.get("weight")
+        if weight is not None and (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not 0.0 <= weight <= 1.0
+        ):
+            raise InvalidArgument(
+                f"weight must be a number in [0, 1], got {weight!r:.50}", argument="weight"
+            )
         return cls(
             collection,
             text,
@@ -866,6 +897,10 @@ class SearchArgs:
             _optional_int(args, "ef"),
             instruction,
             _flag(args, "include_text", True),
+            mode,
+            _choice(args, "fusion", FUSIONS, "rrf"),
+            None if weight is None else float(weight),
+            _flag(args, "explain", False),
         )
 
 
@@ -926,12 +961,16 @@ class CollectionsArgs:
 
 @dataclass(frozen=True)
 class SearchHit:
-    """One search result, decoded: cosine similarity ``score`` (higher is closer)."""
+    """One search result, decoded: ``score`` is higher for better matches (the cosine in
+    dense mode, BM25 in keyword mode, the fused score in hybrid mode); ``dense_score`` and
+    ``keyword_score`` are the components, when asked for (``explain``) and known."""
 
     id: str
     score: float
     metadata: dict[str, Any]
     text: str | None = None
+    dense_score: float | None = None
+    keyword_score: float | None = None
 
     @classmethod
     def from_wire(cls, hit: Any) -> SearchHit:
@@ -943,7 +982,15 @@ class SearchHit:
         ):
             raise BadResponse(f"malformed search hit: {hit!r:.200}")
         text = hit.get("text")
-        return cls(hit["id"], float(hit["score"]), dict(hit.get("metadata") or {}), text)
+        components = []
+        for name in ("dense_score", "keyword_score"):
+            value = hit.get(name)
+            if value is not None and not isinstance(value, (int, float)):
+                raise BadResponse(f"malformed search hit: {hit!r:.200}")
+            components.append(None if value is None else float(value))
+        return cls(
+            hit["id"], float(hit["score"]), dict(hit.get("metadata") or {}), text, *components
+        )
 
 
 ARGUMENTS: dict[str, Any] = {

@@ -188,7 +188,7 @@ def test_bad_arguments_get_typed_errors(client: Client) -> None:
         ("search", {"collection": "args", "text": "x", "k": 10**9}, ErrorCode.INVALID_ARGUMENT),
         (
             "search",
-            {"collection": "args", "text": "x", "filter": {"a": {"gt": 1}}},
+            {"collection": "args", "text": "x", "filter": {"a": {"near": 1}}},
             ErrorCode.INVALID_ARGUMENT,
         ),
         ("search", {"collection": "args", "text": "  "}, ErrorCode.EMPTY_TEXT),

@@ -38,7 +38,13 @@ from ..errors import (
     ModelMismatch,
 )
 from ..index import Collection, IndexStore, ModelFingerprint
-from ..index.documents import check_vector_rows, validate_id, validate_metadata, validate_text
+from ..index.documents import (
+    Hit,
+    check_vector_rows,
+    validate_id,
+    validate_metadata,
+    validate_text,
+)
 from ..index.fsutil import DISK_FULL_ERRNOS, describe_error, index_full, is_disk_full
 from ..index.manifest import validate_new_collection_name
 from ..logs import kv
@@ -206,6 +212,19 @@ class _Writer:
             return
         for job in live:
             job.future.set_result(lsn)
+
+
+def _wire_hit(hit: Hit, explain: bool) -> dict[str, Any]:
+    wire: dict[str, Any] = {
+        "id": hit.id,
+        "score": hit.score,
+        "metadata": hit.metadata,
+        "text": hit.text,
+    }
+    if explain:
+        wire["dense_score"] = hit.dense_score
+        wire["keyword_score"] = hit.keyword_score
+    return wire
 
 
 class IndexService:
@@ -549,11 +568,13 @@ class IndexService:
     async def _search(self, args: SearchArgs) -> dict[str, Any]:
         collection = await self._collection(args.collection)
         started = time.perf_counter()
-        if args.vector is not None:
-            fingerprint = collection.fingerprint
-            query = args.vector
-            embed_ms = 0.0
-        else:
+        mode = args.mode
+        if mode is None:  # the default: words and meaning where the collection has words
+            mode = "hybrid" if args.text is not None and collection.has_text else "dense"
+        fingerprint = collection.fingerprint
+        query: np.ndarray | None = args.vector
+        embed_ms = 0.0
+        if mode != "keyword" and query is None:
             fingerprint = self._check_model(collection)
             assert args.text is not None  # SearchArgs guarantees text or vector
             vectors, _ = await self.service.embed_vectors(
@@ -566,37 +587,66 @@ class IndexService:
             )
             query = vectors[0]
             embed_ms = (time.perf_counter() - started) * 1000
-        if query.shape[0] != collection.dim:
+        if query is not None and query.shape[0] != collection.dim:
             raise InvalidArgument(
                 f"the query vector has {query.shape[0]} dims; collection {collection.name!r}"
                 f" holds {collection.dim}-d vectors",
                 argument="vector",
             )
         searched = time.perf_counter()
-        search = functools.partial(
-            collection.search,
-            fingerprint,
-            query,
-            args.k,
-            where=args.filter,
-            ef=args.ef,
-            with_text=args.include_text,
-        )
-        # Alone: search on the loop if the index is free right now (a graph search is under a
-        # millisecond), saving two thread hand-offs. Concurrent searches, or one that would
-        # wait for a write, go to the reader threads.
-        hits = None if self._searching else search(wait=False)
-        if hits is None:
-            self._searching += 1
-            try:
-                hits = await self._read(search)
-            finally:
-                self._searching -= 1
+        if mode == "keyword":
+            assert args.text is not None
+            hits = await self._read(
+                functools.partial(
+                    collection.search_keyword,
+                    args.text,
+                    args.k,
+                    where=args.filter,
+                    with_text=args.include_text,
+                )
+            )
+        elif mode == "hybrid":
+            assert args.text is not None and query is not None
+            hits = await self._read(
+                functools.partial(
+                    collection.search_hybrid,
+                    fingerprint,
+                    query,
+                    args.text,
+                    args.k,
+                    where=args.filter,
+                    ef=args.ef,
+                    with_text=args.include_text,
+                    fusion=args.fusion,
+                    weight=args.weight,
+                )
+            )
+        else:
+            assert query is not None
+            search = functools.partial(
+                collection.search,
+                fingerprint,
+                query,
+                args.k,
+                where=args.filter,
+                ef=args.ef,
+                with_text=args.include_text,
+            )
+            # Alone: search on the loop if the index is free right now (a graph search is
+            # under a millisecond), saving two thread hand-offs. Concurrent searches, or one
+            # that would wait for a write, go to the reader threads.
+            found = None if self._searching else search(wait=False)
+            if found is None:
+                self._searching += 1
+                try:
+                    found = await self._read(search)
+                finally:
+                    self._searching -= 1
+            hits = found
         return {
             "collection": collection.name,
-            "hits": [
-                {"id": h.id, "score": h.score, "metadata": h.metadata, "text": h.text} for h in hits
-            ],
+            "mode": mode,
+            "hits": [_wire_hit(hit, args.explain) for hit in hits],
             "timing_ms": {
                 "embed": round(embed_ms, 3),
                 "search": round((time.perf_counter() - searched) * 1000, 3),

@@ -16,6 +16,7 @@ change to memory holds ``_writer``, so holding it is enough for a consistent gra
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -55,7 +56,8 @@ from .documents import (
     validate_metadata,
     validate_text,
 )
-from .filters import compile_where
+from .filters import Filter, Selection, compile_filter
+from .filters import select as select_where
 from .fingerprint import ModelFingerprint
 from .fsutil import (
     DISK_FULL_ERRNOS,
@@ -65,6 +67,9 @@ from .fsutil import (
     fsync_dir,
     index_full,
 )
+from .fusion import DEFAULT_WEIGHT, FUSIONS, fuse
+from .keywords import FILENAME as KEYWORDS_FILE
+from .keywords import KeywordIndex
 from .manifest import MANIFEST_NAME, CollectionManifest, SnapshotRef, validate_collection_name
 from .memory import Memory, StoredDoc
 from .recovery import list_segments, repair_hint, replay_wal
@@ -193,6 +198,11 @@ def segment_info(manifest: CollectionManifest) -> dict[str, Any]:
     }
 
 
+def _check_k(k: object) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
+        raise InvalidArgument(f"k must be an integer in [1, {MAX_K}], got {k!r:.40}")
+
+
 class Collection:
     """Open with :meth:`open` or :meth:`create`; close (or use ``with``) to release the lock."""
 
@@ -216,6 +226,10 @@ class Collection:
         self._snap_thread: threading.Thread | None = None
         self._snap_error: str | None = None
         self._snap_retry_at = 0.0
+        # BM25 over the documents' texts (keywords.py): derived from the WAL like the graph.
+        self._keywords: KeywordIndex | None = None
+        self._keyword_error: str | None = None
+        self._text_docs = 0  # live documents stored with a text (keyword search needs some)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -337,6 +351,9 @@ class Collection:
                         # may not be durable): the caller must hear of that.
                         wal.close(sync=True)
                 finally:
+                    keywords, self._keywords = self._keywords, None
+                    if keywords is not None:
+                        keywords.close()
                     if self._lock_fd is not None:
                         os.close(self._lock_fd)
                         self._lock_fd = None
@@ -382,6 +399,7 @@ class Collection:
         memory: Memory | None = None
         replay = None
         used: SnapshotRef | None = None
+        base_next_label = 0
         for base in manifest.bases():
             # The WAL is read first: its damage cannot be fixed by an older snapshot.
             replay = replay_wal(self.path, manifest, base.lsn if base else 0, fix=True)
@@ -422,6 +440,7 @@ class Collection:
             )
             memory.load_docs(loaded.state.docs, loaded.vectors)
             used = base
+            base_next_label = loaded.state.next_label
             break
         if memory is None or replay is None:
             raise IndexCorrupt(
@@ -445,6 +464,11 @@ class Collection:
         memory.after_deletes()
         self._memory = memory
         self._lsn = replay.last_lsn
+        self._open_keywords(
+            base_lsn=used.lsn if used is not None else 0,
+            base_next_label=base_next_label,
+            replayed=bool(replay.final),
+        )
         newest = manifest.snapshots[0] if manifest.snapshots else None
         fell_back = newest is not None and used != newest
         # Records after the newest snapshot count toward the next one.
@@ -472,6 +496,81 @@ class Collection:
             )
             with self._snap_lock, self._writer:
                 self._snapshot_locked(force=True)
+
+    # -- the keyword index -----------------------------------------------------------------------
+
+    def _keyword_owner(self, manifest: CollectionManifest) -> str:
+        """Names the label space: a reindex gives out new labels, so a keyword file written
+        before it must not be trusted after it."""
+        return json.dumps([manifest.created, manifest.fingerprint.to_json()], sort_keys=True)
+
+    def _open_keywords(self, *, base_lsn: int, base_next_label: int, replayed: bool) -> None:
+        """Open the keyword file and bring it to this collection's state: nothing to do after
+        a clean close; after a crash the documents the WAL replayed (whose labels may differ
+        from before) are rewritten, and a missing, foreign or stale file is rebuilt."""
+        keywords = KeywordIndex(
+            self.path / KEYWORDS_FILE, owner=self._keyword_owner(self._manifest)
+        )
+        self._keywords = keywords
+        self._text_docs = sum(1 for doc in self._mem().docs.values() if doc.text)
+        if not replayed and keywords.applied_lsn == self._lsn:
+            return
+        try:
+            self._reconcile_keywords(
+                base_lsn=base_lsn if keywords.applied_lsn <= self._lsn else 0,
+                base_next_label=base_next_label,
+            )
+        except EdgeAgentError as exc:
+            # A full disk must not keep the collection from opening (its vectors and WAL are
+            # fine): keyword search retries the rebuild, and says why while it cannot.
+            self._keyword_error = exc.message
+            log.error("%s: keyword index not brought up to date: %s", self.path, exc.message)
+
+    def _reconcile_keywords(self, *, base_lsn: int = 0, base_next_label: int = 0) -> None:
+        keywords = self._keyword_file()
+        memory = self._mem()
+        started = time.perf_counter()
+        written, deleted = keywords.reconcile(
+            {doc.label: doc.text for doc in memory.docs.values()},
+            lsn=self._lsn,
+            base_lsn=base_lsn,
+            base_next_label=base_next_label,
+        )
+        self._keyword_error = None
+        log.info(
+            "%s: keyword index brought to lsn %d (%d rows written, %d removed, %.2fs)",
+            self.path,
+            self._lsn,
+            written,
+            deleted,
+            time.perf_counter() - started,
+        )
+
+    def _apply_keywords(
+        self, upserts: list[tuple[int, str | None]], deletes: list[int], lsn: int
+    ) -> None:
+        """Mirror one acknowledged write into the keyword index. The WAL already holds the
+        write, so a failure here (a full disk) is logged and reported by ``keyword_error``;
+        the next open rebuilds what is missing."""
+        keywords = self._keywords
+        if keywords is None or self._keyword_error is not None:
+            return  # behind already: the next keyword search rebuilds it whole
+        try:
+            keywords.apply(upserts=upserts, deletes=deletes, lsn=lsn)
+        except Exception as exc:
+            if self._keyword_error is None:
+                log.error(
+                    "%s: keyword index update failed (%s); keyword search misses the newest"
+                    " documents until the collection is reopened",
+                    self.path,
+                    describe_error(exc),
+                )
+            self._keyword_error = describe_error(exc)
+
+    @property
+    def keyword_error(self) -> str | None:
+        """Why the keyword index is behind the documents, or None."""
+        return self._keyword_error
 
     # -- properties ------------------------------------------------------------------------------
 
@@ -619,7 +718,16 @@ class Collection:
             if slots > memory.capacity:
                 with self._rw.write():
                     memory.reserve(slots)
-            return self._commit(ops, lambda: self._apply_puts(memory, ops))
+            replaced = [memory.docs[doc_id] for doc_id in id_list if doc_id in memory.docs]
+            old_labels = [doc.label for doc in replaced]
+            lsn = self._commit(ops, lambda: self._apply_puts(memory, ops))
+            self._text_docs += sum(1 for op in ops if op.text) - sum(
+                1 for doc in replaced if doc.text
+            )
+            self._apply_keywords(
+                [(memory.docs[op.id].label, op.text) for op in ops], old_labels, lsn
+            )
+            return lsn
 
     def delete(self, ids: Sequence[str]) -> int:
         """Delete by id (all or none); how many were stored. Unknown ids are ignored."""
@@ -638,13 +746,16 @@ class Collection:
             if not present:
                 return 0
             ops = [Delete(doc_id) for doc_id in present]
+            labels = [memory.docs[doc_id].label for doc_id in present]
+            self._text_docs -= sum(1 for doc_id in present if memory.docs[doc_id].text)
 
             def apply() -> None:
                 for doc_id in present:
                     memory.remove(doc_id)
                 memory.after_deletes()
 
-            self._commit(ops, apply)
+            lsn = self._commit(ops, apply)
+            self._apply_keywords([], labels, lsn)
             return len(present)
 
     @staticmethod
@@ -885,6 +996,10 @@ class Collection:
 
     def _snapshot_commit(self, job: _SnapshotJob) -> None:
         """The manifest write that makes the snapshot count. Holds ``_writer``."""
+        if self._keywords is not None and self._keyword_error is None:
+            # The snapshot lets the WAL before it go: the keyword rows up to it must be on
+            # disk first (their file syncs lazily), or a power cut would lose them for good.
+            self._keywords.sync()
         updated = self._manifest.with_snapshot(
             SnapshotRef(job.gen, job.lsn), self.config.keep_snapshots
         )
@@ -958,20 +1073,15 @@ class Collection:
         wait: bool = True,
     ) -> list[Hit] | None:
         """Top-k by cosine similarity, best first, optionally only documents matching
-        ``where`` (see filters.compile_where). Fewer than k only if fewer documents match.
+        ``where`` (see filters.compile_filter). Fewer than k only if fewer documents match.
 
         ``wait=False``: None instead of waiting when a write holds (or waits for) the index,
         or when ``ef`` needs the index to itself; for a caller that must not block."""
         self._check_model(fingerprint)
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
-            raise InvalidArgument(f"k must be an integer in [1, {MAX_K}], got {k!r}")
-        if ef is not None and (
-            not isinstance(ef, int) or isinstance(ef, bool) or not 1 <= ef <= 65536
-        ):
-            raise InvalidArgument(f"ef must be an integer in [1, 65536], got {ef!r}")
+        _check_k(k)
+        ef_used = self._ef(ef, k)
         query = normalize_vectors(vector, self.dim, 1, where="vector")[0]
-        clauses = compile_where(where)
-        ef_used = max(ef if ef is not None else self.config.ef_search, k)
+        flt = compile_filter(where)
         # hnswlib keeps ef in the index, so a query with another ef needs it to itself.
         custom = ef_used != self.config.ef_search
         if not wait:
@@ -980,15 +1090,203 @@ class Collection:
             with self._rw.try_read() as taken:
                 if not taken:
                     return None
-                return self._search_read(query, k, clauses, with_text, custom=False)
+                return self._search_read(query, k, flt, with_text, custom=False)
         with self._rw.write() if custom else self._rw.read():
-            return self._search_read(query, k, clauses, with_text, custom, ef_used)
+            return self._search_read(query, k, flt, with_text, custom, ef_used)
+
+    def search_keyword(
+        self,
+        text: str,
+        k: int = 10,
+        *,
+        where: Mapping[str, Any] | None = None,
+        with_text: bool = False,
+    ) -> list[Hit]:
+        """Top-k by BM25 over the stored texts (keywords.py), best first; score = BM25."""
+        _check_k(k)
+        flt = compile_filter(where)
+        keywords = self._keyword_index()
+        with self._rw.read():
+            memory = self._mem()
+            self._check_has_text(memory, keywords)
+            selection = self._selection(memory, flt)
+            ranked = self._keyword_ranking(memory, keywords, text, k, selection)
+            return [
+                self._hit(memory, label, score, with_text, keyword=score) for label, score in ranked
+            ]
+
+    def search_hybrid(
+        self,
+        fingerprint: ModelFingerprint,
+        vector: np.ndarray,
+        text: str,
+        k: int = 10,
+        *,
+        where: Mapping[str, Any] | None = None,
+        ef: int | None = None,
+        with_text: bool = False,
+        fusion: str = "rrf",
+        weight: float | None = None,
+        candidates: int | None = None,
+    ) -> list[Hit]:
+        """Top-k of the dense and the keyword rankings fused (fusion.py), best first; each
+        hit carries its fused score and both components (``dense_score``, ``keyword_score``).
+        ``candidates``: how many of each ranking are fused (default max(50, 4k))."""
+        self._check_model(fingerprint)
+        _check_k(k)
+        if fusion not in FUSIONS:
+            raise InvalidArgument(
+                f"fusion must be one of {FUSIONS}, got {fusion!r:.40}", argument="fusion"
+            )
+        if weight is not None and (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not 0.0 <= weight <= 1.0
+        ):
+            raise InvalidArgument(
+                f"weight must be in [0, 1], got {weight!r:.40}", argument="weight"
+            )
+        pool = candidates if candidates is not None else max(50, 4 * k)
+        if isinstance(pool, bool) or not isinstance(pool, int) or not k <= pool <= MAX_K:
+            raise InvalidArgument(
+                f"candidates must be an integer in [k, {MAX_K}], got {pool!r:.40}",
+                argument="candidates",
+            )
+        ef_used = self._ef(ef, pool)
+        query = normalize_vectors(vector, self.dim, 1, where="vector")[0]
+        flt = compile_filter(where)
+        keywords = self._keyword_index()
+        custom = ef_used != self.config.ef_search
+        with self._rw.write() if custom else self._rw.read():
+            memory = self._mem()
+            self._check_has_text(memory, keywords)
+            selection = self._selection(memory, flt)
+            if custom:
+                memory.index.set_ef(ef_used)
+            try:
+                labels, scores = self._search_locked(memory, query, pool, selection)
+            finally:
+                if custom:
+                    memory.index.set_ef(self.config.ef_search)
+            dense = list(zip(labels.tolist(), scores.tolist(), strict=True))
+            ranked = self._keyword_ranking(memory, keywords, text, pool, selection)
+            seen = set(labels.tolist())
+            missing = [label for label, _ in ranked if label not in seen]
+            cosines: dict[int, float] = {}
+            if missing:
+                exact = memory.vectors_of(missing) @ query
+                cosines = dict(zip(missing, exact.tolist(), strict=True))
+            fused = fuse(
+                dense,
+                ranked,
+                k,
+                method=fusion,
+                weight=DEFAULT_WEIGHT if weight is None else float(weight),
+                cosines=cosines,
+            )
+            return [
+                self._hit(
+                    memory,
+                    item.label,
+                    item.score,
+                    with_text,
+                    dense=item.dense,
+                    keyword=item.keyword,
+                )
+                for item in fused
+            ]
+
+    # -- search helpers (the read lock is held) --------------------------------------------------
+
+    def _ef(self, ef: int | None, k: int) -> int:
+        if ef is not None and (
+            not isinstance(ef, int) or isinstance(ef, bool) or not 1 <= ef <= 65536
+        ):
+            raise InvalidArgument(f"ef must be an integer in [1, 65536], got {ef!r}")
+        return max(ef if ef is not None else self.config.ef_search, k)
+
+    def _keyword_file(self) -> KeywordIndex:
+        keywords = self._keywords
+        if keywords is None:
+            raise InvalidArgument(f"collection {self.name!r} is closed")
+        return keywords
+
+    def _keyword_index(self) -> KeywordIndex:
+        """The keyword index, up to date: one that fell behind (a failed write, a full disk
+        at open) is rebuilt first; while that fails, the typed error says why."""
+        if self._keyword_error is not None:
+            with self._writer:
+                if self._keyword_error is not None:
+                    self._reconcile_keywords()
+        return self._keyword_file()
+
+    @property
+    def has_text(self) -> bool:
+        """Whether any live document was stored with its text (keyword search needs it)."""
+        return self._text_docs > 0
+
+    def _check_has_text(self, memory: Memory, keywords: KeywordIndex) -> None:
+        """Keyword and hybrid search need texts: a collection whose documents were all stored
+        without one has nothing to match words against (an empty one is fine: no hits)."""
+        if memory.docs and self._text_docs <= 0:
+            raise InvalidArgument(
+                f"collection {self.name!r} stores no document text, so it cannot be searched"
+                ' by keyword: use mode "dense", or add documents with their text',
+                argument="mode",
+                reason="no_text",
+            )
+
+    @staticmethod
+    def _selection(memory: Memory, flt: Filter | None) -> Selection | None:
+        if flt is None:
+            return None
+        return select_where(
+            flt,
+            memory.postings,
+            memory.by_label.keys(),
+            lambda label: memory.docs[memory.by_label[label]].metadata,
+        )
+
+    @staticmethod
+    def _keyword_ranking(
+        memory: Memory,
+        keywords: KeywordIndex,
+        text: str,
+        k: int,
+        selection: Selection | None,
+    ) -> list[tuple[int, float]]:
+        live = memory.by_label
+        if selection is None:
+            allowed = live.__contains__
+        else:
+            allowed = lambda label: label in live and selection.allowed(label)  # noqa: E731
+        return keywords.search(text, k, allowed)
+
+    @staticmethod
+    def _hit(
+        memory: Memory,
+        label: int,
+        score: float,
+        with_text: bool,
+        *,
+        dense: float | None = None,
+        keyword: float | None = None,
+    ) -> Hit:
+        doc = memory.docs[memory.by_label[label]]
+        return Hit(
+            memory.by_label[label],
+            float(score),
+            dict(doc.metadata),
+            doc.text if with_text else None,
+            dense_score=dense,
+            keyword_score=keyword,
+        )
 
     def _search_read(
         self,
         query: np.ndarray,
         k: int,
-        clauses: list | None,
+        flt: Filter | None,
         with_text: bool,
         custom: bool,
         ef_used: int = 0,
@@ -998,23 +1296,19 @@ class Collection:
         if custom:
             memory.index.set_ef(ef_used)
         try:
-            labels, scores = self._search_locked(memory, query, k, clauses)
+            labels, scores = self._search_locked(memory, query, k, self._selection(memory, flt))
         finally:
             if custom:
                 memory.index.set_ef(self.config.ef_search)
-        hits = []
-        for label, score in zip(labels.tolist(), scores.tolist(), strict=True):
-            doc_id = memory.by_label[label]
-            doc = memory.docs[doc_id]
-            hits.append(
-                Hit(doc_id, float(score), dict(doc.metadata), doc.text if with_text else None)
-            )
-        return hits
+        return [
+            self._hit(memory, label, score, with_text)
+            for label, score in zip(labels.tolist(), scores.tolist(), strict=True)
+        ]
 
     def _search_locked(
-        self, memory: Memory, query: np.ndarray, k: int, clauses: list | None
+        self, memory: Memory, query: np.ndarray, k: int, selection: Selection | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        allowed = memory.postings.match(clauses) if clauses else None
+        allowed = selection.labels if selection is not None else None
         candidates = len(memory.docs) if allowed is None else len(allowed)
         k = min(k, candidates)
         if k == 0:
@@ -1264,4 +1558,8 @@ class Collection:
         self._wal = WalWriter(path, self.config.fsync, self.config.batch_window_ms / 1000)
         self._wal_records = self._wal_bytes = 0
         self._remove_strays()
+        old_keywords, self._keywords = self._keywords, None
+        if old_keywords is not None:
+            old_keywords.close()
+        self._open_keywords(base_lsn=0, base_next_label=0, replayed=True)
         log.info("%s: reindexed for %s", self.path, new.fingerprint.describe())

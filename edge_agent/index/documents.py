@@ -47,9 +47,12 @@ class Document:
 @dataclass(frozen=True)
 class Hit:
     id: str
-    score: float  # cosine similarity, in [-1, 1]
+    # dense: cosine similarity in [-1, 1]; keyword: BM25 (> 0); hybrid: the fused score
+    score: float
     metadata: dict[str, Any]
     text: str | None = None
+    dense_score: float | None = None  # hybrid: the cosine, when known
+    keyword_score: float | None = None  # keyword/hybrid: the BM25 score, when it matched
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ readers-writer lock.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +78,7 @@ class ExactCache:
         return self._vecs[self._row[label]].copy()
 
     def search(
-        self, query: np.ndarray, k: int, allowed: set[int] | None
+        self, query: np.ndarray, k: int, allowed: AbstractSet[int] | None
     ) -> tuple[np.ndarray, np.ndarray]:
         if allowed is None:
             labels = self._labels[: self.n]

@@ -116,6 +116,7 @@ ERROR_NOTIFICATION: Final = "error"
 KINDS: Final = ("document", "query")
 SEARCH_MODES: Final = ("dense", "keyword", "hybrid")
 FUSIONS: Final = ("rrf", "weighted")  # = edge_agent.index.fusion.FUSIONS (tested)
+DEFAULT_FUSION: Final = "weighted"  # = edge_agent.index.fusion.DEFAULT_FUSION (tested)
 LONG_TEXT_MODES: Final = ("truncate", "chunk", "error")
 
 _MSGID_MAX: Final = 2**32 - 1  # msgpack-rpc msgids are 32-bit unsigned
@@ -825,7 +826,8 @@ class AddVectorsArgs:
 class SearchArgs:
     """``mode``: "dense" (embedding similarity), "keyword" (BM25 over stored texts),
     "hybrid" (both, fused by ``fusion``: "rrf" or "weighted" with ``weight`` for the dense
-    part), or None: hybrid for a text query on a collection that stores texts, else dense.
+    part, 0.7 by default), or None: hybrid for a text query on a collection that stores
+    texts, else dense. The defaults are measured: docs/index.md "Keyword and hybrid search".
     ``explain``: hits also carry ``dense_score`` and ``keyword_score``."""
 
     collection: str
@@ -837,7 +839,7 @@ class SearchArgs:
     instruction: str | None = None
     include_text: bool = True
     mode: str | None = None
-    fusion: str = "rrf"
+    fusion: str = "weighted"
     weight: float | None = None
     explain: bool = False
 
@@ -898,7 +900,7 @@ class SearchArgs:
             instruction,
             _flag(args, "include_text", True),
             mode,
-            _choice(args, "fusion", FUSIONS, "rrf"),
+            _choice(args, "fusion", FUSIONS, DEFAULT_FUSION),
             None if weight is None else float(weight),
             _flag(args, "explain", False),
         )

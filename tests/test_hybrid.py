@@ -19,8 +19,9 @@ from daemon import ServerThread, options_for
 from edge_agent import Client
 from edge_agent.errors import ErrorCode, InvalidArgument
 from edge_agent.index import Collection, IndexConfig, ModelFingerprint
-from edge_agent.index.fusion import FUSIONS, RRF_K, fuse
+from edge_agent.index.fusion import DEFAULT_FUSION, FUSIONS, RRF_K, fuse
 from edge_agent.models import ModelStore
+from edge_agent.protocol import DEFAULT_FUSION as WIRE_DEFAULT_FUSION
 from edge_agent.protocol import FUSIONS as WIRE_FUSIONS
 
 DIM = 16
@@ -104,10 +105,11 @@ def test_filters_apply_to_every_mode(coll: Collection) -> None:
 def test_hybrid_fuses_and_reports_components(coll: Collection) -> None:
     rng = np.random.default_rng(3)
     query = unit(rng, 1)[0]
-    hits = coll.search_hybrid(FP, query, "password router", 3)
+    hits = coll.search_hybrid(FP, query, "password router", 3, fusion="rrf")
     assert hits[0].id == "en-2"  # the only keyword match ranks first in the fusion
     assert hits[0].keyword_score is not None and hits[0].dense_score is not None
-    assert hits[0].score == pytest.approx(1 / (RRF_K + 1) + hits[0].score - 1 / (RRF_K + 1))
+    # First in the keyword list (1 / 61), and somewhere in the dense one (<= 1 / 61 more).
+    assert 1 / (RRF_K + 1) < hits[0].score <= 2 / (RRF_K + 1)
     others = [h for h in hits[1:] if h.keyword_score is None]
     assert all(h.dense_score is not None for h in others)
     weighted = coll.search_hybrid(FP, query, "password router", 3, fusion="weighted", weight=0.0)
@@ -117,14 +119,14 @@ def test_hybrid_fuses_and_reports_components(coll: Collection) -> None:
 def test_fusion_rules() -> None:
     dense = [(1, 0.9), (2, 0.8), (3, 0.1)]
     keyword = [(3, 12.0), (4, 6.0)]
-    rrf = fuse(dense, keyword, 4)
+    rrf = fuse(dense, keyword, 4, method="rrf")
     assert rrf[0].label == 3  # in both lists
     assert rrf[0].score == pytest.approx(1 / (RRF_K + 3) + 1 / (RRF_K + 1))
     weighted = fuse(dense, keyword, 4, method="weighted", weight=0.5, cosines={4: 0.2})
     assert [f.label for f in weighted] == [3, 1, 2, 4]
     assert weighted[0].score == pytest.approx(0.5 * 0.1 + 0.5 * 1.0)
     assert weighted[-1].dense == pytest.approx(0.2) and weighted[-1].keyword == 6.0
-    assert FUSIONS == WIRE_FUSIONS
+    assert FUSIONS == WIRE_FUSIONS and DEFAULT_FUSION == WIRE_DEFAULT_FUSION
 
 
 def test_collection_without_text_refuses_keyword_modes(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""Hypothesis state machine: random add/upsert/delete/search/restart/crash/snapshot/compact
-sequences against a plain dict model, on a real collection on disk."""
+"""Hypothesis state machine: random add/upsert/delete/search/keyword search/filters/restart/
+crash/snapshot/compact sequences against a plain dict model, on a real collection on disk."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from hypothesis import HealthCheck, settings
@@ -21,6 +22,24 @@ DIM = 6
 FP = ModelFingerprint("state", "5" * 64, DIM, "mean")
 IDS = st.sampled_from([f"id{i}" for i in range(24)])
 GROUPS = st.integers(0, 3)
+WORDS = [f"alpha{i}" for i in range(4)]
+
+
+def text_for(seed: int, group: int) -> str:
+    return f"{WORDS[seed % 4]} beta{group} common"
+
+
+# Filters in every form, with the plain-Python rule each one means for a group value g.
+FILTERS: list[tuple[dict[str, Any], Any]] = [
+    ({"g": {"gte": 1, "lt": 3}}, lambda g: 1 <= g < 3),
+    ({"g": {"ne": 2}}, lambda g: g != 2),
+    ({"g": {"nin": [0, 3]}}, lambda g: g not in (0, 3)),
+    ({"or": [{"g": 0}, {"g": {"gt": 2}}]}, lambda g: g == 0 or g > 2),
+    ({"not": {"g": {"in": [1, 2]}}}, lambda g: g not in (1, 2)),
+    ({"g": {"exists": True}}, lambda g: True),
+    ({"g": {"exists": False}}, lambda g: False),
+    ({"and": [{"g": {"lte": 2}}, {"not": {"g": 0}}]}, lambda g: 0 < g <= 2),
+]
 
 
 def vector(seed: int) -> np.ndarray:
@@ -52,7 +71,7 @@ class IndexMachine(RuleBasedStateMachine):
         unique = {doc_id: (seed, group) for doc_id, seed, group in docs}
         ids = list(unique)
         vectors = np.stack([vector(unique[i][0]) for i in ids])
-        texts = [f"t-{i}" if with_text else None for i in ids]
+        texts = [text_for(*unique[i]) if with_text else None for i in ids]
         self.coll.upsert(FP, ids, vectors, texts, [{"g": unique[i][1]} for i in ids])
         for doc_id, row, text in zip(ids, vectors, texts, strict=True):
             self.model[doc_id] = (row, unique[doc_id][1], text)
@@ -87,6 +106,35 @@ class IndexMachine(RuleBasedStateMachine):
             assert abs(hit.score - float(self.model[hit.id][0] @ query)) < 1e-4
         scores = [h.score for h in hits]
         assert scores == sorted(scores, reverse=True)
+
+    @rule(seed=st.integers(0, 10**6), k=st.integers(1, 30), which=st.integers(0, len(FILTERS) - 1))
+    def search_filtered(self, seed: int, k: int, which: int) -> None:
+        where, rule_of = FILTERS[which]
+        hits = self.coll.search(FP, vector(seed), k=k, where=where)
+        allowed = {i for i, (_, g, _) in self.model.items() if rule_of(g)}
+        ids = [h.id for h in hits]
+        assert set(ids) <= allowed
+        assert len(ids) == len(set(ids)) == min(k, len(allowed))
+
+    @rule(
+        word=st.sampled_from([*WORDS, "beta1", "common", "absent"]),
+        k=st.integers(1, 30),
+        which=st.none() | st.integers(0, len(FILTERS) - 1),
+    )
+    def search_keyword(self, word: str, k: int, which: int | None) -> None:
+        if not any(text for _, _, text in self.model.values()):
+            return  # a collection without texts refuses keyword search (tested elsewhere)
+        where, rule_of = FILTERS[which] if which is not None else (None, lambda g: True)
+        hits = self.coll.search_keyword(word, k, where=where)
+        matching = {
+            i
+            for i, (_, g, text) in self.model.items()
+            if text is not None and word in text.split() and rule_of(g)
+        }
+        ids = [h.id for h in hits]
+        assert set(ids) <= matching, "a document without the word (or filtered out) came back"
+        assert len(ids) == len(set(ids)) == min(k, len(matching))
+        assert all(h.score > 0 for h in hits)
 
     @precondition(lambda self: bool(self.model))
     @rule(data=st.data())

@@ -67,7 +67,7 @@ from .fsutil import (
     fsync_dir,
     index_full,
 )
-from .fusion import DEFAULT_WEIGHT, FUSIONS, fuse
+from .fusion import DEFAULT_FUSION, DEFAULT_WEIGHT, FUSIONS, fuse
 from .keywords import FILENAME as KEYWORDS_FILE
 from .keywords import KeywordIndex
 from .manifest import MANIFEST_NAME, CollectionManifest, SnapshotRef, validate_collection_name
@@ -1125,7 +1125,7 @@ class Collection:
         where: Mapping[str, Any] | None = None,
         ef: int | None = None,
         with_text: bool = False,
-        fusion: str = "rrf",
+        fusion: str = DEFAULT_FUSION,
         weight: float | None = None,
         candidates: int | None = None,
     ) -> list[Hit]:
@@ -1257,10 +1257,10 @@ class Collection:
     ) -> list[tuple[int, float]]:
         live = memory.by_label
         if selection is None:
-            allowed = live.__contains__
-        else:
-            allowed = lambda label: label in live and selection.allowed(label)  # noqa: E731
-        return keywords.search(text, k, allowed)
+            # The keyword file mirrors the live documents, so no predicate is needed (and
+            # without one SQLite keeps just the top k); the check only guards a moment's lag.
+            return [hit for hit in keywords.search(text, k) if hit[0] in live]
+        return keywords.search(text, k, lambda label: label in live and selection.allowed(label))
 
     @staticmethod
     def _hit(

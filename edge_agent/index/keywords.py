@@ -70,6 +70,7 @@ import threading
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..errors import IndexCorrupt, IndexFull, InvalidArgument
 
@@ -412,7 +413,7 @@ class KeywordIndex:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
 
-    def _meta(self, key: str) -> object:
+    def _meta(self, key: str) -> Any:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else row[0]
 

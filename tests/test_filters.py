@@ -4,6 +4,7 @@ plain-Python model of the semantics."""
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import pytest
@@ -12,8 +13,9 @@ from hypothesis import strategies as st
 
 from edge_agent.errors import InvalidArgument
 from edge_agent.index.filters import (
+    MAX_FILTER_CLAUSES,
     MAX_FILTER_DEPTH,
-    MAX_FILTER_TERMS,
+    MAX_FILTER_VALUES,
     MAX_IN_VALUES,
     Postings,
     Selection,
@@ -206,15 +208,42 @@ def test_error_path_names_the_nested_place() -> None:
 
 
 def test_total_size_is_bounded() -> None:
-    fine = {"or": [{"k": {"in": list(range(1000))}} for _ in range(3)]}
+    fine = {"or": [{"k": {"in": list(range(1000))}} for _ in range(4)]}
     assert compile_filter(fine) is not None
-    too_big = {"or": [{"k": {"in": list(range(1000))}} for _ in range(5)]}
+    too_many_values = {"or": [{"k": {"in": list(range(1000))}} for _ in range(5)]}
     with pytest.raises(InvalidArgument) as info:
-        compile_filter(too_big)
-    assert str(MAX_FILTER_TERMS) in info.value.message
-    many_keys = {f"k{i}": i for i in range(MAX_FILTER_TERMS + 1)}
+        compile_filter(too_many_values)
+    assert str(MAX_FILTER_VALUES) in info.value.message
+    assert compile_filter({f"k{i}": i for i in range(MAX_FILTER_CLAUSES)}) is not None
+    with pytest.raises(InvalidArgument) as info:
+        compile_filter({f"k{i}": i for i in range(MAX_FILTER_CLAUSES + 1)})
+    assert str(MAX_FILTER_CLAUSES) in info.value.message
+    assert info.value.data["key"] == f"k{MAX_FILTER_CLAUSES}"
+    # Groups and each operator count.
     with pytest.raises(InvalidArgument):
-        compile_filter(many_keys)
+        compile_filter(
+            {"or": [{"k": {"gt": i, "lt": i + 1}} for i in range(MAX_FILTER_CLAUSES // 2)]}
+        )
+
+
+def test_the_largest_filters_stay_cheap() -> None:
+    # Distinct values everywhere: the worst case for a condition that is not an equality.
+    docs = {i: {"ts": float(i), "name": f"n{i}"} for i in range(20_000)}
+    postings = postings_of(docs)
+    n = MAX_FILTER_CLAUSES - 1
+    hostile = [
+        {"or": [{"ts": {"gte": float(i)}} for i in range(n)]},
+        {"and": [{"ts": {"ne": float(i)}} for i in range(n)]},
+        {"or": [{"not": {"name": {"exists": True}}} for _ in range(n // 2)]},
+        {"and": [{"ts": {"gt": -1.0}} for _ in range(n)]},
+    ]
+    for where in hostile:
+        flt = compile_filter(where)
+        assert flt is not None
+        for metadata_of in (None, docs.__getitem__):
+            start = time.perf_counter()
+            Selection(flt, postings, docs.keys(), metadata_of).labels  # noqa: B018
+            assert time.perf_counter() - start < 2.0, where
 
 
 def test_reserved_group_words_with_scalars_are_errors() -> None:

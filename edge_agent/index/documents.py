@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import numpy as np
@@ -165,7 +165,7 @@ def normalize_vectors(
         array = array[None, :]
     if array.ndim != 2 or array.shape[1] != dim:
         raise InvalidArgument(
-            f"{where} must have shape (n, {dim}), got {tuple(np.shape(vectors))}",
+            f"{where} must have shape (n, {dim}), got {tuple(np.shape(cast(Any, vectors)))}",
             dims=dim,
             argument=where,
         )

@@ -41,7 +41,7 @@ Analysis (the same for documents and queries), text in any language:
   It leaves words in other scripts alone (it only rewrites ASCII suffixes).
 
 Common words: scoring every document that holds a word as common as "the" costs ~3 us each
-in bm25() (0.25 s a query at 100k documents). Like Lucene's CommonTermsQuery, a query word
+in bm25() (0.15-0.3 s a query at 100k documents). Like Lucene's CommonTermsQuery, a query word
 found in more than max(COMMON_MIN_DF, COMMON_FRACTION x documents) documents only adds to
 the scores of documents that hold one of the query's rarer words (exactly as it would in
 plain BM25); when every word is that common, the rarest ones (within a factor 2) take the

@@ -179,7 +179,7 @@ class GraphCopy:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             for part in (header, level0, words):
-                view = memoryview(part).cast("B")
+                view = (memoryview(part) if isinstance(part, bytes) else part.data).cast("B")
                 while view:
                     view = view[os.write(fd, view[:_CHUNK]) :]
         finally:

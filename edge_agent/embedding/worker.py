@@ -84,6 +84,11 @@ def _unpack_embeddings(packed: tuple[Any, ...]) -> Embeddings:
     return Embeddings(vectors, token_counts, truncated, chunks, model, quant)
 
 
+def _seconds(timeout: float) -> str:
+    """A deadline for a message: "1s", "0.35s" (no ".0" on whole seconds, no lost fractions)."""
+    return f"{round(timeout, 2):g}s"
+
+
 def _release_memory() -> None:
     """Give freed heap back to the OS after a large call: glibc keeps the arenas that held
     a 4,096-text batch's token lists and buffers (~90 MB measured) for the child's lifetime."""
@@ -299,7 +304,7 @@ class ProcessEmbedder(ModelHandle):
         how = self._describe_exit()
         if how == "unresponsive":
             self._process.kill()
-            how = f"no answer in {timeout:.0f}s"
+            how = f"no answer in {_seconds(timeout)}"
         self._reap()
         raise EngineError(
             f"the embedding engine process failed while {doing} ({how});"
@@ -488,7 +493,7 @@ class ProcessEmbedder(ModelHandle):
         """The error for a child that stopped answering: names why, reaps it (blocking while
         the dead child is joined, so called off the loop)."""
         try:
-            how = f"no answer in {timeout:.1f}s" if timed_out else self._describe_exit()
+            how = f"no answer in {_seconds(timeout)}" if timed_out else self._describe_exit()
             self._reap()
         finally:
             self._lock.release()

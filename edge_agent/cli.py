@@ -392,23 +392,44 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.fleet:
         return _fleet_search(args)
     query = " ".join(args.query)
+    where = _parse_filter(args.filter)
+    if args.where:
+        try:
+            extra = json.loads(args.where)
+        except ValueError as exc:
+            raise InvalidArgument(f"--where takes a JSON object: {exc}") from exc
+        if not isinstance(extra, dict):
+            raise InvalidArgument("--where takes a JSON object, e.g. '{\"year\": {\"gte\": 2020}}'")
+        where.update(extra)
     with _client(args) as client:
         hits = client.search(
-            args.collection, query, k=args.k, filter=_parse_filter(args.filter), ef=args.ef
+            args.collection,
+            query,
+            k=args.k,
+            filter=where,
+            ef=args.ef,
+            mode=args.mode,
+            fusion=args.fusion,
+            weight=args.weight,
+            explain=args.explain,
         )
     if args.json:
         for hit in hits:
-            print(
-                json.dumps(
-                    {"id": hit.id, "score": hit.score, "text": hit.text, "metadata": hit.metadata}
-                )
-            )
+            record = {"id": hit.id, "score": hit.score, "text": hit.text, "metadata": hit.metadata}
+            if args.explain:
+                record.update(dense_score=hit.dense_score, keyword_score=hit.keyword_score)
+            print(json.dumps(record))
         return 0
     if not hits:
         print("no matches")
     for rank, hit in enumerate(hits, 1):
         text = " ".join((hit.text or "").split())
-        print(f"{rank:>3}. {hit.score:.4f}  {hit.id}  {text[:80]}")
+        parts = ""
+        if args.explain:
+            dense = "-" if hit.dense_score is None else f"{hit.dense_score:.3f}"
+            keyword = "-" if hit.keyword_score is None else f"{hit.keyword_score:.2f}"
+            parts = f" (dense {dense}, keyword {keyword})"
+        print(f"{rank:>3}. {hit.score:.4f}{parts}  {hit.id}  {text[:80]}")
     return 0
 
 
@@ -742,6 +763,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query", nargs="+")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE[|VALUE...]")
+    p.add_argument(
+        "--where",
+        metavar="JSON",
+        help='a filter in the full language, e.g. \'{"year": {"gte": 2020}, "or": [...]}\'',
+    )
+    p.add_argument(
+        "--mode",
+        choices=("dense", "keyword", "hybrid"),
+        help="by meaning, by words (BM25), or both fused (default: hybrid where texts are stored)",
+    )
+    p.add_argument("--fusion", choices=("weighted", "rrf"), help="hybrid: how (default weighted)")
+    p.add_argument("--weight", type=float, help="hybrid weighted: the meaning side's share (0.7)")
+    p.add_argument("--explain", action="store_true", help="show the dense and keyword scores")
     p.add_argument("--ef", type=int, help="HNSW search breadth (recall vs speed)")
     p.add_argument("--json", action="store_true")
     add_client_options(p)

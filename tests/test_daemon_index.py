@@ -86,7 +86,7 @@ def test_search_by_vector_matches_search_by_text(client: Client) -> None:
     client.add("vec", DOCS)
     query = client.embed(["router power button"], kind="query").vectors[0]
     by_vector = client.search("vec", vector=query, k=4)
-    by_text = client.search("vec", "router power button", k=4)
+    by_text = client.search("vec", "router power button", k=4, mode="dense")
     assert [h.id for h in by_vector] == [h.id for h in by_text]
     assert by_vector[0].id == "wifi"
     np.testing.assert_allclose([h.score for h in by_vector], [h.score for h in by_text], atol=1e-5)

@@ -1131,7 +1131,8 @@ class Collection:
     ) -> list[Hit]:
         """Top-k of the dense and the keyword rankings fused (fusion.py), best first; each
         hit carries its fused score and both components (``dense_score``, ``keyword_score``).
-        ``candidates``: how many of each ranking are fused (default max(50, 4k))."""
+        ``candidates``: how many of each ranking are fused (default max(50, 4k), at most
+        MAX_K)."""
         self._check_model(fingerprint)
         _check_k(k)
         if fusion not in FUSIONS:
@@ -1146,7 +1147,7 @@ class Collection:
             raise InvalidArgument(
                 f"weight must be in [0, 1], got {weight!r:.40}", argument="weight"
             )
-        pool = candidates if candidates is not None else max(50, 4 * k)
+        pool = candidates if candidates is not None else min(MAX_K, max(50, 4 * k))
         if isinstance(pool, bool) or not isinstance(pool, int) or not k <= pool <= MAX_K:
             raise InvalidArgument(
                 f"candidates must be an integer in [k, {MAX_K}], got {pool!r:.40}",

@@ -460,21 +460,23 @@ def test_reindex_needs_stored_text(tmp_path: Path, rng: np.random.Generator) -> 
 def test_reindex_cut_short_after_its_commit_opens_as_the_new_model(
     tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, snapshot_first: bool
 ) -> None:
-    import edge_agent.index.collection as collection_module
+    from edge_agent.index import collection, recovering, reindexing, snapshotting
 
     new = ModelFingerprint("bigger", "c" * 64, 32, "cls")
     coll = make(tmp_path)
     coll.upsert(FP, [f"d{i}" for i in range(20)], unit(rng, 20), [f"text {i}" for i in range(20)])
     if snapshot_first:  # the current segment is then empty and carries the old identity
         coll.snapshot()
-    real = collection_module.create_segment
+    real = reindexing.create_segment
 
     def power_cut(directory: Path, base: int, info: dict) -> Path:
         if info["fingerprint"]["model"] == "bigger" and directory == coll.path:
             raise OSError("power cut")
         return real(directory, base, info)
 
-    monkeypatch.setattr(collection_module, "create_segment", power_cut)
+    # The collection's parts each write segments: every one of them loses power.
+    for module in (collection, recovering, reindexing, snapshotting):
+        monkeypatch.setattr(module, "create_segment", power_cut)
     with pytest.raises(OSError, match="power cut"):
         coll.reindex(fake_embed(32, []), new, show_progress=False)
     # The process "dies" here: no clean close, just the lock released.

@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import edge_agent.index.collection as collection_module  # noqa: E402
+import edge_agent.index.snapshotting as snapshotting_module  # noqa: E402
 from edge_agent.index import Collection, IndexConfig, ModelFingerprint  # noqa: E402
 from edge_agent.index.manifest import CollectionManifest  # noqa: E402
 from edge_agent.index.snapshot import (  # noqa: E402
@@ -107,7 +107,7 @@ class Gate:
         self.threads: list[str] = []
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        real = collection_module.write_snapshot
+        real = snapshotting_module.write_snapshot
 
         def gated(*args: Any, **kwargs: Any) -> int:
             self.threads.append(threading.current_thread().name)
@@ -115,7 +115,7 @@ class Gate:
             assert self.release.wait(WAIT), "the test never released the snapshot"
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(collection_module, "write_snapshot", gated)
+        monkeypatch.setattr(snapshotting_module, "write_snapshot", gated)
 
 
 def test_writers_and_searches_do_not_wait_for_a_background_snapshot(
@@ -185,7 +185,7 @@ def test_a_failed_background_snapshot_is_reported_and_retried(
 ) -> None:
     rng = np.random.default_rng(13)
     vectors = unit(rng, 30)
-    real = collection_module.write_snapshot
+    real = snapshotting_module.write_snapshot
     calls: list[int] = []
 
     def flaky(*args: Any, **kwargs: Any) -> int:
@@ -194,8 +194,8 @@ def test_a_failed_background_snapshot_is_reported_and_retried(
             raise OSError(28, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(collection_module, "write_snapshot", flaky)
-    monkeypatch.setattr(collection_module, "SNAPSHOT_RETRY_S", 60.0)
+    monkeypatch.setattr(snapshotting_module, "write_snapshot", flaky)
+    monkeypatch.setattr(snapshotting_module, "SNAPSHOT_RETRY_S", 60.0)
     with Collection.create(tmp_path / "c", FP, config()) as coll:
         for i in range(5):
             coll.upsert(FP, [f"d{i}"], vectors[i])
@@ -226,7 +226,7 @@ def test_a_graph_too_big_to_copy_is_dumped_under_the_writer_lock(
             made.append("dump")
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(collection_module, "GraphFile", Spy)
+    monkeypatch.setattr(snapshotting_module, "GraphFile", Spy)
     vectors = unit(rng, 60)
     with Collection.create(tmp_path / "c", FP, config(snapshot_copy_max_bytes=0)) as coll:
         for start in range(0, 50, 10):
@@ -307,14 +307,14 @@ def kill_child(path: str, stage: str, marker: str, acks: str) -> None:
 
         snapshot_module.GraphCopy.save_index = half  # type: ignore[method-assign]
     else:  # "renamed": snapshot files in place, manifest not yet written
-        real_write = collection_module.write_snapshot
+        real_write = snapshotting_module.write_snapshot
 
         def written(*args: Any, **kwargs: Any) -> int:
             size = real_write(*args, **kwargs)
             hang()
             return size
 
-        collection_module.write_snapshot = written  # type: ignore[assignment]
+        snapshotting_module.write_snapshot = written  # type: ignore[assignment]
     rng = np.random.default_rng(21)
     coll = Collection.open(Path(path), config(snapshot_wal_records=20))
     fd = os.open(acks, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import itertools
 import os
-import re
 import socket
 import threading
 import time
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._version import __version__
+from .addresses import parse_host_port
 from .errors import InvalidArgument
 from .paths import default_paths
 from .protocol import (
@@ -102,11 +102,6 @@ class Endpoint:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-_HOST_PORT = re.compile(
-    r"^(?:\[(?P<v6>[0-9A-Fa-f:.%a-zA-Z0-9]+)\]|(?P<host>[^/:\[\]]+)):(?P<port>\d{1,5})$"
-)
-
-
 def parse_address(address: str | os.PathLike[str] | Endpoint | None) -> Endpoint:
     """A socket path, ``unix:PATH``, ``tcp://HOST:PORT``, ``HOST:PORT`` or ``[V6]:PORT``;
     None: $EDGE_AGENT_SOCKET, else the default socket. A string with a ``/`` is a path."""
@@ -120,9 +115,15 @@ def parse_address(address: str | os.PathLike[str] | Endpoint | None) -> Endpoint
     if address.startswith("unix:"):
         return Endpoint(path=Path(address[5:]).expanduser())
     text = address[6:] if address.startswith("tcp://") else address
-    match = _HOST_PORT.match(text)
-    if match and ("/" not in text) and int(match["port"]) <= 65535:
-        return Endpoint(host=match["v6"] or match["host"], port=int(match["port"]))
+    # HOST:PORT as the daemon's --listen reads it (addresses.py); a host is required here,
+    # and whatever else (a path with a colon, say) is a socket path.
+    if "/" not in text and not text.startswith(":"):
+        try:
+            host, port = parse_host_port(text)
+        except InvalidArgument:
+            pass
+        else:
+            return Endpoint(host=host, port=port)
     if address.startswith("tcp://"):
         raise InvalidArgument(f"a TCP address is tcp://HOST:PORT, got {address!r:.80}")
     return Endpoint(path=Path(address).expanduser())

@@ -72,7 +72,7 @@ class ServeOptions:
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     max_message_bytes: int = 8 << 20
     max_connections: int = 64
-    max_queue: int = 256
+    max_queue: int = ServiceConfig.max_queue  # wins over service.max_queue
     # The engine call scheduler: slices, query priority, deadlines, liveness (max_queue above
     # wins over its own).
     service: ServiceConfig = field(default_factory=ServiceConfig)

@@ -216,7 +216,8 @@ async def run_server(
         raise
     service.health_sections["selftest"] = lambda: dict(startup["selftest"])
     # One id per data directory, the same one discovery announces in its TXT record.
-    service.identity["agent_id"] = agent_id_for(_data_dir(options))
+    agent_id = agent_id_for(_data_dir(options))
+    service.identity["agent_id"] = agent_id
     # The engine child's pid changes when it is restarted after a crash: look it up each time.
     service.stats_sections["memory"] = functools.partial(
         memory_section, lambda: getattr(service.embedder, "pid", None)
@@ -248,9 +249,11 @@ async def run_server(
         await service.start()
         await index.start()
         await server.start()
-        if options.advertise and server.tcp_port is not None:
+        if options.advertise and tcp is not None and server.tcp_port is not None:
             # Before ready(): once the daemon says it is up, it can also be found.
-            advertiser = await _advertise(options, service, server.tcp_port, token is not None)
+            advertiser = await _advertise(
+                options, service, agent_id, tcp[0], server.tcp_port, token is not None
+            )
         if options.socket_mode != 0o600:
             # Widening only (bind made it 0600): group members may connect from now on.
             os.chmod(socket_path, options.socket_mode)
@@ -276,12 +279,11 @@ async def run_server(
         await service.close(options.shutdown_grace)
 
 
-async def _advertise(options: ServeOptions, service: Service, port: int, auth: bool) -> Advertiser:
-    """Announce the TCP endpoint with mDNS (edge_agent.lan.discovery), following model changes."""
-    assert options.listen is not None  # _tcp_endpoint refused advertise without it
-    host, _ = parse_host_port(options.listen)
-    hello = await service.call("hello", [{"client": "edge-agent/advertise"}])
-    agent_id = hello.get("agent_id") or agent_id_for(_data_dir(options))
+async def _advertise(
+    options: ServeOptions, service: Service, agent_id: str, host: str, port: int, auth: bool
+) -> Advertiser:
+    """Announce the TCP endpoint with mDNS (edge_agent.lan.discovery), following model changes.
+    ``host``: the listen address as _tcp_endpoint parsed it; ``agent_id``: the one hello gives."""
 
     def current() -> AgentInfo:
         embedder = service.embedder

@@ -42,6 +42,7 @@ from typing import Any
 
 from ..errors import EdgeAgentError, InvalidArgument
 from ..logs import LogLimiter, kv
+from ..options import ServeOptions
 from ..protocol import (
     ERROR_NOTIFICATION,
     AlreadyRunning,
@@ -565,15 +566,16 @@ class Server:
         socket_path: Path,
         *,
         limits: Limits | None = None,
-        max_connections: int = 64,
+        # The defaults are ServeOptions' (options.py), the one place they are written.
+        max_connections: int = ServeOptions.max_connections,
         max_in_flight: int = 64,
         tcp: tuple[str, int] | None = None,
         auth_token: str | None = None,
-        auth_timeout: float = 10.0,
-        max_preauth_connections: int = 16,
-        max_preauth_per_source: int = 8,
-        first_byte_timeout: float = 3.0,
-        idle_timeout: float = 300.0,
+        auth_timeout: float = ServeOptions.auth_timeout,
+        max_preauth_connections: int = ServeOptions.max_preauth_connections,
+        max_preauth_per_source: int = ServeOptions.max_preauth_per_source,
+        first_byte_timeout: float = ServeOptions.first_byte_timeout,
+        idle_timeout: float = ServeOptions.idle_timeout,
     ) -> None:
         if (
             max_connections < 1

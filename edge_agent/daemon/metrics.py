@@ -24,6 +24,7 @@ from typing import Any
 
 from ..addresses import is_loopback, parse_host_port
 from ..errors import InvalidArgument
+from ..logs import kv
 
 __all__ = [
     "CONTENT_TYPE",
@@ -61,10 +62,12 @@ def metrics_endpoint(listen: str | None, socket_mode: int = 0o600) -> tuple[str,
         ) from None
     if not is_loopback(host):
         log.warning(
-            "metrics on %s:%s are reachable beyond this host and have no authentication"
-            " (they hold counts and model names only)",
-            host,
-            port,
+            "%s",
+            kv(
+                event="metrics_unauthenticated",
+                address=f"{host}:{port}",
+                note="reachable beyond this host, no authentication (counts and model names only)",
+            ),
         )
     return host, port
 
@@ -393,7 +396,7 @@ class MetricsServer:
         sockets = self._server.sockets or ()
         if sockets and self.port == 0:
             self.port = sockets[0].getsockname()[1]
-        log.info("metrics on %s", self.address)
+        log.info("%s", kv(event="metrics_listening", address=self.address))
 
     async def close(self) -> None:
         if self._server is not None:

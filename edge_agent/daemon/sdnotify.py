@@ -22,6 +22,8 @@ import os
 import socket
 from collections.abc import Mapping
 
+from ..logs import kv
+
 __all__ = ["Notifier"]
 
 log = logging.getLogger("edge_agent.sdnotify")
@@ -47,7 +49,12 @@ class Notifier:
         self.address = _address(notify_socket) if notify_socket else None
         if notify_socket and self.address is None:
             log.warning(
-                "NOTIFY_SOCKET=%r is not a path or @abstract address: ignored", notify_socket[:100]
+                "%s",
+                kv(
+                    event="notify_socket_ignored",
+                    value=notify_socket[:100],
+                    reason="not a path or @abstract address",
+                ),
             )
         self.watchdog_usec = watchdog_usec if watchdog_usec and watchdog_usec > 0 else None
         self._ready_sent = False
@@ -91,7 +98,8 @@ class Notifier:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
                 sock.sendto(payload, self.address)
         except OSError as exc:
-            log.warning("sd_notify to %r failed: %s", self.address.replace("\0", "@"), exc)
+            address = self.address.replace("\0", "@")
+            log.warning("%s", kv(event="sd_notify_failed", address=address, error=str(exc)))
             return False
         return True
 

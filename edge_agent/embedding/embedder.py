@@ -28,6 +28,7 @@ from ..errors import (
     TextTooLong,
 )
 from ..hardware.load import ThreadGovernor
+from ..logs import kv
 from ..models.manifest import ModelManifest
 from ..models.store import ModelStore, ResolvedModel
 from ..texts import check_text
@@ -442,8 +443,15 @@ class Embedder(ModelHandle):
         if self._governor is not None:
             threads = self._governor.threads()
             if threads != self._engine.threads:
-                log.debug("engine threads %d -> %d (others' load %.2f CPUs)",
-                          self._engine.threads, threads, self._governor.others)
+                log.debug(
+                    "%s",
+                    kv(
+                        event="engine_threads",
+                        before=self._engine.threads,
+                        after=threads,
+                        others_cpus=self._governor.others,
+                    ),
+                )
                 self._engine.set_threads(threads)
         prepared = [self._prepare(i, text, long_text) for i, text in enumerate(texts)]
         flat: list[list[int]] = []

@@ -18,6 +18,7 @@ import llama_cpp
 import numpy as np
 
 from ..errors import EngineError, ModelFileError
+from ..logs import kv
 from ..models.llama_backend import route_engine_logs
 
 __all__ = ["Engine", "EngineSettings", "route_engine_logs"]
@@ -76,7 +77,10 @@ class Engine:
             if self._solo_ctx:
                 self._solo_memory = llama_cpp.llama_get_memory(self._solo_ctx)
             else:  # not worth failing the model for: everything runs in the main context
-                log.warning("llama.cpp could not create the single-text context; not using one")
+                log.warning(
+                    "%s",
+                    kv(event="solo_context_off", reason="llama.cpp could not create it"),
+                )
                 self.solo_tokens = 0
 
         vocab = self._vocab

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import EdgeAgentError, EngineError, InvalidArgument, error_for_code
+from ..logs import kv
 from ..models.manifest import ModelManifest
 from ..models.store import ResolvedModel
 from .children import child_environment
@@ -328,7 +329,7 @@ class ProcessEmbedder(ModelHandle):
             raise EngineError("embedder is closed")
         if self._process is None or not self._process.is_alive():
             if self._process is not None:
-                log.warning("embedding engine process %s; restarting", self._describe_exit())
+                log.warning("%s", kv(event="engine_restart", reason=self._describe_exit()))
                 self._reap()
             self.restarts += 1
             self._start()
@@ -388,7 +389,7 @@ class ProcessEmbedder(ModelHandle):
             # The child died while idle (its end of the pipe is gone; _send reaped it): start
             # a fresh one, as embed() would, rather than fail a request it never received.
             self._lock.release()
-            log.warning("embedding engine process died while idle; restarting")
+            log.warning("%s", kv(event="engine_restart", reason="died while idle"))
             return asyncio.ensure_future(self._submit_when_ready(request, timeout))
         except BaseException:
             self._lock.release()

@@ -39,6 +39,7 @@ from zeroconf import (
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from ..errors import AgentNotFound, DiscoveryError, EdgeAgentError, InvalidArgument
+from ..logs import kv
 from ..protocol import PROTOCOL_VERSION
 
 __all__ = [
@@ -368,10 +369,13 @@ class Advertiser:
             await self._close_zeroconf()
             raise
         log.info(
-            "advertising name=%s port=%d addresses=%s",
-            self.name,
-            self.port,
-            ",".join(self.addresses),
+            "%s",
+            kv(
+                event="advertising",
+                name=self.name,
+                port=self.port,
+                addresses=",".join(self.addresses),
+            ),
         )
         if self._follow is not None:
             self._follower = asyncio.get_running_loop().create_task(self._follow_loop())
@@ -384,7 +388,7 @@ class Advertiser:
                 await self.update(self._follow())
             except (OSError, EdgeAgentError) as exc:
                 # Announcing is best effort; serving goes on. The next round retries.
-                log.warning("cannot update the advertisement: %s", exc)
+                log.warning("%s", kv(event="advertisement_update_failed", error=str(exc)))
 
     async def update(self, info: AgentInfo) -> None:
         """Re-announce with new TXT (e.g. the model changed); a no-op when nothing changed."""
@@ -397,7 +401,8 @@ class Advertiser:
         # The returned task sends the announcements; wait so a caller knows they went out.
         await await_or_none(await self._zc.async_update_service(self._service))
         log.info(
-            "advertisement updated name=%s model=%s quant=%s", self.name, info.model, info.quant
+            "%s",
+            kv(event="advertisement_updated", name=self.name, model=info.model, quant=info.quant),
         )
 
     async def close(self) -> None:
@@ -649,7 +654,7 @@ class AgentBrowser:
         try:
             found = await info.async_request(zeroconf, _RESOLVE_TIMEOUT_MS)
         except (OSError, BadTypeInNameException) as exc:
-            log.debug("cannot resolve %s: %s", name, exc)
+            log.debug("%s", kv(event="resolve_failed", name=name, error=str(exc)))
             return
         agent = DiscoveredAgent.from_service_info(info) if found else None
         if agent is None:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from ..errors import IntegrityError, ModelFileError, ModelNotFound
+from ..logs import kv
 from ..progress import Progress
 from .manifest import ModelManifest
 from .store import ModelStore
@@ -64,7 +65,7 @@ def _is_complete(store: ModelStore, quants: tuple[str, ...], label: str) -> bool
         for quant in quants:
             store.resolve(DEFAULT_MODEL, quant)  # sha256-verified (cached by size+mtime)
     except (IntegrityError, ModelFileError) as exc:
-        log.warning("default model needs repair: %s", exc.message)
+        log.warning("%s", kv(event="default_model_repair", reason=exc.message))
         return False
     return True
 
@@ -75,7 +76,14 @@ def prepare_default(store: ModelStore, quants: tuple[str, ...] = DEFAULT_QUANTS)
     so an interrupted run leaves no manifest pointing at missing files."""
     label = _source_label()
     if _is_complete(store, quants, label):
-        log.info("default model %s is ready in %s", DEFAULT_MODEL, store.model_dir(DEFAULT_MODEL))
+        log.info(
+            "%s",
+            kv(
+                event="default_model_ready",
+                model=DEFAULT_MODEL,
+                path=str(store.model_dir(DEFAULT_MODEL)),
+            ),
+        )
         return store.get(DEFAULT_MODEL)
     # The converter (gguf, safetensors) and llama.cpp's quantizer load only here: a daemon or a
     # client that merely names DEFAULT_MODEL does not carry them.
@@ -119,6 +127,12 @@ def prepare_default(store: ModelStore, quants: tuple[str, ...] = DEFAULT_QUANTS)
     )
     store.save(manifest)
     log.info(
-        "prepared %s (%d files) in %.1fs", DEFAULT_MODEL, len(files), time.monotonic() - started
+        "%s",
+        kv(
+            event="default_model_prepared",
+            model=DEFAULT_MODEL,
+            files=len(files),
+            seconds=time.monotonic() - started,
+        ),
     )
     return manifest

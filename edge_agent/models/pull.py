@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, NoReturn
 
 from ..errors import DownloadError, IntegrityError, InvalidArgument, ModelFileError
+from ..logs import kv
 from ..progress import Progress
 from .gguf_meta import read_gguf_info
 from .manifest import ModelManifest
@@ -153,7 +154,10 @@ def _already_pulled(store: ModelStore, digest: str, name: str | None) -> ModelMa
             try:
                 store.resolve(model, quant)  # a damaged copy on disk gets downloaded again
             except ModelFileError as exc:
-                log.warning("%s/%s needs a fresh download: %s", model, quant, exc.message)
+                log.warning(
+                    "%s",
+                    kv(event="redownload", model=model, quant=quant, reason=exc.message),
+                )
                 continue
             return manifest
     return None
@@ -230,7 +234,7 @@ class _Download:
                 self.attempt(bar)
                 return self.digest.hexdigest()
             except _RangeRejected as exc:
-                log.info("%s: %s; downloading from the start", self.label, exc)
+                log.info("%s", kv(event="download_restart", file=self.label, reason=str(exc)))
                 self.restart()
                 continue
             except _Retryable as exc:
@@ -239,12 +243,15 @@ class _Download:
                     self._give_up(exc.error, failures)
                 delay = min(RETRY_BACKOFF_S * 2 ** (failures - 1), RETRY_BACKOFF_MAX_S)
                 log.warning(
-                    "%s (attempt %d of %d; resuming at byte %d in %.1fs)",
-                    exc.error.message,
-                    failures,
-                    retries + 1,
-                    self.offset,
-                    delay,
+                    "%s",
+                    kv(
+                        event="download_retry",
+                        error=exc.error.message,
+                        attempt=failures,
+                        attempts=retries + 1,
+                        resume_at=self.offset,
+                        delay_s=delay,
+                    ),
                 )
                 time.sleep(delay)
         raise DownloadError(
@@ -332,7 +339,10 @@ class _Download:
                 self.total = self.offset + body_length
         elif status == 200:
             if resuming:
-                log.info("%s: server ignored Range; downloading from the start", self.label)
+                log.info(
+                    "%s",
+                    kv(event="download_restart", file=self.label, reason="server ignored Range"),
+                )
                 self.restart()
             self.total = body_length
         else:
@@ -418,7 +428,7 @@ def pull_gguf(
     expected = _check_arguments(url, sha256, name, timeout, max_bytes, retries)
     existing = _already_pulled(store, expected, name)
     if existing is not None:
-        log.info("%s is already in the store as %s", expected, existing.name)
+        log.info("%s", kv(event="already_stored", sha256=expected, model=existing.name))
         return existing
     label = _redact(url)
     part = store.root / DOWNLOADS_DIR / f"{expected}.part"

@@ -30,6 +30,7 @@ from typing import Any
 from ..embedding.children import child_environment
 from ..errors import InvalidArgument
 from ..hardware.host import HostInfo, probe_host
+from ..logs import kv
 from ..models.manifest import ModelFile, write_json_atomic
 from ..models.store import ModelStore
 from ..progress import Progress
@@ -450,7 +451,7 @@ def tune(
             if outcome.failure is None:
                 break
             if outcome.running is None:
-                log.warning("tuning worker failed outside a trial: %s", outcome.failure)
+                log.warning("%s", kv(event="tuning_worker_failed", error=outcome.failure))
                 break
             quant = outcome.running
             kind = "timeout" if outcome.timed_out else "crash"
@@ -459,7 +460,8 @@ def tune(
                 # A trial cut off by the budget proves nothing against the file.
                 bad_files.mark_bad(files[quant], model, engine, host.cpu_id, kind, outcome.failure)
                 log.warning(
-                    "%s %s crashed the engine during tuning: %s", model, quant, outcome.failure
+                    "%s",
+                    kv(event="tuning_crash", model=model, quant=quant, error=outcome.failure),
                 )
             else:
                 skipped.append(quant)

@@ -455,3 +455,66 @@ def test_every_command_uses_the_configured_paths(tmp_path: Path) -> None:
     assert (
         result.stdout.strip() == f"no models in {models} (run: edge-agent models prepare-default)"
     )
+
+
+def _field_default(cls: type, name: str) -> Any:
+    field = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    assert field.default_factory is not dataclasses.MISSING, name
+    return field.default_factory()
+
+
+def test_settings_state_the_defaults_of_the_dataclasses_they_feed() -> None:
+    """The dataclasses hold each default (docs/architecture.md, "Defaults"); the settings
+    table repeats it for `config show` and the template without importing them, so any drift
+    fails here."""
+    from edge_agent.config import ENGINE_SETTINGS, SETTINGS
+
+    serve = {
+        "tune_budget": "tune_budget_s",
+        "auth_timeout": "auth_timeout",
+        "first_byte_timeout": "first_byte_timeout",
+        "max_preauth_connections": "max_preauth_connections",
+        "max_preauth_per_source": "max_preauth_per_source",
+        "idle_timeout": "idle_timeout",
+        "advertise": "advertise",
+        "advertise_interfaces": "advertise_interfaces",
+        "limits.max_message_bytes": "max_message_bytes",
+        "limits.max_connections": "max_connections",
+        "limits.max_queue": "max_queue",
+        "limits.shutdown_grace": "shutdown_grace",
+    }
+    embedder = {
+        "embedder.batch_tokens": "batch_tokens",
+        "embedder.max_sequences": "max_sequences",
+        "embedder.max_context": "max_sequence_tokens",
+        "embedder.solo_tokens": "solo_tokens",
+        "embedder.chunk_overlap": "chunk_overlap",
+        "embedder.max_texts": "max_texts",
+        "embedder.max_text_bytes": "max_text_bytes",
+        "embedder.use_mmap": "use_mmap",
+        "embedder.adaptive_threads": "adaptive_threads",
+    }
+    checked = 0
+    for setting in SETTINGS:
+        key = setting.key
+        if key in serve:
+            target = _field_default(ServeOptions, serve[key])
+        elif key in embedder:
+            target = _field_default(EmbedderConfig, embedder[key])
+        elif key in ENGINE_SETTINGS:
+            target = _field_default(ServiceConfig, ENGINE_SETTINGS[key])
+        elif setting.section == "index":
+            target = _field_default(IndexConfig, setting.name)
+        elif key == "socket_mode":
+            assert int(setting.default, 8) == _field_default(ServeOptions, "socket_mode")
+            checked += 1
+            continue
+        else:
+            continue
+        assert setting.default == target, (key, setting.default, target)
+        checked += 1
+    assert checked >= 40
+    # The engine scheduler's queue bound and the daemon's are one value.
+    assert _field_default(ServeOptions, "max_queue") == _field_default(ServiceConfig, "max_queue")

@@ -30,6 +30,7 @@ import numpy as np
 from ..embedding.embedder import EmbedderConfig
 from ..errors import EdgeAgentError, InvalidArgument
 from ..hardware.host import HostInfo, probe_host
+from ..logs import kv
 from ..models.manifest import ModelManifest
 from ..models.store import ModelStore, ResolvedModel
 from .choose import (
@@ -411,7 +412,8 @@ def safe_start(
     pinned = override is not None and override.quant is not None
     if tune_budget_s and not pinned and not any(m.sha256 in shas for m in measurements):
         log.info(
-            "no measurements for %s on this engine and CPU: tuning (%gs)", model, tune_budget_s
+            "%s",
+            kv(event="tuning", model=model, reason="no measurements", budget_s=tune_budget_s),
         )
         tuned = tune(
             store,
@@ -467,7 +469,10 @@ def safe_start(
         selection = selection.without(decision.quant, f"self-test {outcome.kind}: {outcome.detail}")
         if not selection.candidates:
             break
-        log.warning("falling back from %s to %s", decision.quant, selection.decision.quant)
+        log.warning(
+            "%s",
+            kv(event="quant_fallback", failed=decision.quant, using=selection.decision.quant),
+        )
     pinned_note = ""
     if pinned and override is not None:
         source = override.sources.get("quant", "override")

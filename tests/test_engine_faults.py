@@ -280,7 +280,8 @@ def test_governor_drops_threads_when_others_use_the_cpus(tmp_path: Path) -> None
     governor = ThreadGovernor(configured=2, cpus=2, sampler=sampler)
     assert governor.threads_for(sampler.others()) == 1
     assert governor.threads_for(0.0) == 2
-    assert governor.threads_for(0.5) == 1  # one core half taken: a barrier would stall
+    assert governor.threads_for(0.5) == 2  # a client waiting on us half the time
+    assert governor.threads_for(0.9) == 1  # most of a core taken: a barrier would stall
     assert ThreadGovernor(configured=8, cpus=8).threads_for(2.0) == 6
 
 
@@ -300,3 +301,19 @@ def test_sampler_sees_real_busy_processes() -> None:
             loop.kill()
             loop.wait(10)
     assert others > 1.2, f"two busy loops measured as {others:.2f} CPUs"
+
+
+def test_the_chosen_engine_config_keeps_the_adaptive_threads_setting() -> None:
+    """The start-up choice rebuilds the EmbedderConfig from the tuned numbers: a user's
+    embedder.adaptive_threads = false must survive it (it once did not)."""
+    from types import SimpleNamespace
+
+    from edge_agent.selection.selftest import embedder_config
+
+    decision = SimpleNamespace(
+        threads=2, batch_tokens=512, max_sequences=64, max_context=512,
+        flash_attention=True, mlock=False,
+    )  # fmt: skip
+    for adaptive in (True, False):
+        config = embedder_config(decision, EmbedderConfig(adaptive_threads=adaptive))  # type: ignore[arg-type]
+        assert config.adaptive_threads is adaptive

@@ -15,6 +15,7 @@ Part of the service layer (the only layer that crosses between asyncio and threa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -574,17 +575,39 @@ class IndexService:
         fingerprint = collection.fingerprint
         query: np.ndarray | None = args.vector
         embed_ms = 0.0
-        if mode != "keyword" and query is None:
-            fingerprint = self._check_model(collection)
-            assert args.text is not None  # SearchArgs guarantees text or vector
-            vectors, _ = await self.service.embed_vectors(
-                EmbedArgs(
-                    [args.text],
-                    kind="query",
-                    instruction=args.instruction,
-                    dimensions=fingerprint.dimensions,
+        keyword_side: asyncio.Future[list[tuple[int, float]]] | None = None
+        if mode == "hybrid" and query is None and 1 <= args.k <= 10_000:
+            # The words need no embedding: rank them on a reader thread while the engine
+            # embeds the query, so hybrid costs about max(embed, keyword), not their sum.
+            assert args.text is not None
+            keyword_side = asyncio.ensure_future(
+                self._read(
+                    functools.partial(
+                        collection.keyword_candidates,
+                        args.text,
+                        collection.hybrid_pool(args.k),
+                        where=args.filter,
+                    )
                 )
             )
+        if mode != "keyword" and query is None:
+            try:
+                fingerprint = self._check_model(collection)
+                assert args.text is not None  # SearchArgs guarantees text or vector
+                vectors, _ = await self.service.embed_vectors(
+                    EmbedArgs(
+                        [args.text],
+                        kind="query",
+                        instruction=args.instruction,
+                        dimensions=fingerprint.dimensions,
+                    )
+                )
+            except BaseException:
+                if keyword_side is not None:
+                    keyword_side.cancel()
+                    with contextlib.suppress(BaseException):
+                        await keyword_side
+                raise
             query = vectors[0]
             embed_ms = (time.perf_counter() - started) * 1000
         if query is not None and query.shape[0] != collection.dim:
@@ -619,6 +642,7 @@ class IndexService:
                     with_text=args.include_text,
                     fusion=args.fusion,
                     weight=args.weight,
+                    keyword_ranking=None if keyword_side is None else await keyword_side,
                 )
             )
         else:

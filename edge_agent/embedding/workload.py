@@ -57,7 +57,9 @@ class WorkModel:
         return min(tokens, self.max_tokens)
 
     def slice_tokens(self, slice_s: float) -> int:
-        """Tokens that take about ``slice_s`` seconds; at least one sequence's worth."""
+        """Tokens that take about ``slice_s`` seconds, but at least one full sequence: slices
+        of a single long text cost bulk throughput (measured 0.65-0.8x of whole requests,
+        docs/benchmarks.md) for little gain in query latency."""
         return max(self.max_tokens, int(slice_s / self.seconds_per_token))
 
     def deadline(self, tokens: int) -> float:

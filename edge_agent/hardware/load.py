@@ -118,10 +118,12 @@ class ThreadGovernor:
     """Threads for the next engine call: the configured count, or fewer while other processes
     keep the cores busy (never fewer than one).
 
-    The rule: threads = min(configured, max(1, floor(cpus - others + 0.3))). With 2 CPUs and
-    two busy loops elsewhere that is 1 thread (no barrier left to stall); on an idle box the
-    configured count. A background thread samples every ``interval_s`` so the decision costs
-    the engine call nothing.
+    The rule: threads = min(configured, max(1, floor(cpus - others + 0.75))): a thread is
+    given up once others take about a quarter of a CPU beyond the spare ones. With 2 CPUs,
+    one or two busy loops elsewhere mean 1 thread (no barrier left to stall); a client that
+    sends requests back to back (0.3-0.5 CPU, but never running while it waits for our
+    answer) keeps both. A background thread samples every ``interval_s`` so the decision
+    costs the engine call nothing.
     """
 
     def __init__(
@@ -158,7 +160,7 @@ class ThreadGovernor:
 
     def threads_for(self, others: float) -> int:
         spare = self.cpus - others
-        return min(self.configured, max(1, int(spare + 0.3)))
+        return min(self.configured, max(1, int(spare + 0.75)))
 
     def threads(self) -> int:
         return self.threads_for(self._others)

@@ -93,11 +93,14 @@ class Searching(CollectionState):
         fusion: str = DEFAULT_FUSION,
         weight: float | None = None,
         candidates: int | None = None,
+        keyword_ranking: list[tuple[int, float]] | None = None,
     ) -> list[Hit]:
         """Top-k of the dense and the keyword rankings fused (fusion.py), best first; each
         hit carries its fused score and both components (``dense_score``, ``keyword_score``).
         ``candidates``: how many of each ranking are fused (default max(50, 4k), at most
-        MAX_K)."""
+        MAX_K). ``keyword_ranking``: the keyword side computed beforehand by
+        ``keyword_candidates`` (the daemon runs it while the query is being embedded);
+        documents deleted or filtered out since are dropped from it."""
         self._check_model(fingerprint)
         _check_k(k)
         pool = self._hybrid_pool(k, fusion, weight, candidates)
@@ -118,7 +121,15 @@ class Searching(CollectionState):
                 if custom:
                     memory.index.set_ef(self.config.ef_search)
             dense = list(zip(labels.tolist(), scores.tolist(), strict=True))
-            ranked = self._keyword_ranking(memory, keywords, text, pool, selection)
+            if keyword_ranking is None:
+                ranked = self._keyword_ranking(memory, keywords, text, pool, selection)
+            else:
+                ranked = [
+                    (label, score)
+                    for label, score in keyword_ranking
+                    if label in memory.by_label
+                    and (selection is None or selection.allowed(label))
+                ]
             seen = set(labels.tolist())
             missing = [label for label, _ in ranked if label not in seen]
             cosines: dict[int, float] = {}
@@ -146,6 +157,23 @@ class Searching(CollectionState):
             ]
 
     @staticmethod
+    def hybrid_pool(k: int) -> int:
+        """Candidates each side gives a hybrid search of ``k`` by default."""
+        return min(MAX_K, max(50, 4 * k))
+
+    def keyword_candidates(
+        self, text: str, k: int, *, where: Mapping[str, Any] | None = None
+    ) -> list[tuple[int, float]]:
+        """The keyword side of a hybrid search on its own: (label, BM25), best first."""
+        _check_k(k)
+        flt = compile_filter(where)
+        keywords = self._keyword_index()
+        with self._rw.read():
+            memory = self._mem()
+            self._check_has_text(memory, keywords)
+            return self._keyword_ranking(memory, keywords, text, k, self._selection(memory, flt))
+
+    @staticmethod
     def _hybrid_pool(k: int, fusion: str, weight: float | None, candidates: int | None) -> int:
         """Checks search_hybrid's fusion arguments; how many of each ranking to fuse."""
         if fusion not in FUSIONS:
@@ -160,7 +188,7 @@ class Searching(CollectionState):
             raise InvalidArgument(
                 f"weight must be in [0, 1], got {weight!r:.40}", argument="weight"
             )
-        pool = candidates if candidates is not None else min(MAX_K, max(50, 4 * k))
+        pool = candidates if candidates is not None else min(MAX_K, max(50, 4 * k))  # hybrid_pool
         if isinstance(pool, bool) or not isinstance(pool, int) or not k <= pool <= MAX_K:
             raise InvalidArgument(
                 f"candidates must be an integer in [k, {MAX_K}], got {pool!r:.40}",

@@ -150,6 +150,7 @@ def embedder_config(decision: Decision, base: EmbedderConfig | None = None) -> E
         max_text_bytes=base.max_text_bytes,
         use_mmap=base.use_mmap,
         use_mlock=decision.mlock,
+        adaptive_threads=base.adaptive_threads,
     )
 
 

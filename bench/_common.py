@@ -232,3 +232,30 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     rules = [("-" * (w - 1) + ":") if i else (":" + "-" * (w - 1)) for i, w in enumerate(widths)]
     separator = "| " + " | ".join(rules) + " |"
     return "\n".join([line(headers), separator, *(line(r) for r in rows)])
+
+
+def start_daemon(
+    args: argparse.Namespace,
+    workdir: Path,
+    models_dir: Path,
+    env_extra: dict[str, str] | None = None,
+) -> tuple[Any, Path]:
+    """A real ``edge-agent serve`` subprocess on a socket in ``workdir`` (its own index and
+    home there), pinned to ``args.quant`` and ``args.threads``, no tuning; (process, socket)."""
+    import subprocess
+
+    socket_path = workdir / "agent.sock"
+    command = [
+        sys.executable, "-m", "edge_agent.cli", "--models-dir", str(models_dir),
+        "--log-level", "warning",
+        "serve", "--socket", str(socket_path), "--index-dir", str(workdir / "index"),
+        "--quant", args.quant, "--threads", str(args.threads), "--no-tune",
+    ]  # fmt: skip
+    env = {**os.environ, "EDGE_AGENT_HOME": str(workdir / "home"), **(env_extra or {})}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("edge-agent listening on unix:"):
+        proc.kill()
+        raise SystemExit(f"the daemon did not start: {line!r}")
+    return proc, socket_path

@@ -22,7 +22,6 @@ throughput within 5%; search p90 during the bulk add <= 3x idle p90, bulk throug
 from __future__ import annotations
 
 import argparse
-import os
 import pkgutil
 import statistics
 import subprocess
@@ -33,7 +32,7 @@ import time
 import warnings
 from pathlib import Path
 
-from _common import add_common_args, machine_summary, markdown_table, open_store
+from _common import add_common_args, machine_summary, markdown_table, open_store, start_daemon
 
 from edge_agent.client import Client
 
@@ -41,26 +40,6 @@ from edge_agent.client import Client
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, int(fraction * len(ordered) + 0.999999) - 1))]
-
-
-def start_daemon(
-    args: argparse.Namespace, workdir: Path, models_dir: Path, env_extra: dict[str, str]
-) -> tuple[subprocess.Popen[str], Path]:
-    socket_path = workdir / "agent.sock"
-    command = [
-        sys.executable, "-m", "edge_agent.cli", "--models-dir", str(models_dir),
-        "--log-level", "warning",
-        "serve", "--socket", str(socket_path), "--index-dir", str(workdir / "index"),
-        "--quant", args.quant, "--threads", str(args.threads), "--no-tune",
-    ]  # fmt: skip
-    env = {**os.environ, "EDGE_AGENT_HOME": str(workdir / "home"), **env_extra}
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("edge-agent listening on unix:"):
-        proc.kill()
-        raise SystemExit(f"the daemon did not start: {line!r}")
-    return proc, socket_path
 
 
 def stop_daemon(proc: subprocess.Popen[str]) -> None:
@@ -130,8 +109,10 @@ QUERIES = [
 
 def contention(args: argparse.Namespace, models_dir: Path, texts: list[str]) -> list[list[str]]:
     rows: list[list[str]] = []
-    for label, env in (("adaptive threads (new)", {}),
-                       ("fixed threads (before)", {"EDGE_AGENT_ADAPTIVE_THREADS": "0"})):
+    for label, env in (
+        ("adaptive threads (new)", {}),
+        ("fixed threads (before)", {"EDGE_AGENT_ADAPTIVE_THREADS": "0"}),
+    ):
         with tempfile.TemporaryDirectory() as tmp:
             proc, socket_path = start_daemon(args, Path(tmp), models_dir, env)
             try:

@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
-from _common import REPO, add_common_args, machine_summary, markdown_table, open_store
+from _common import REPO, add_common_args, machine_summary, markdown_table, open_store, start_daemon
 
 from edge_agent.client import Client
 
@@ -43,24 +40,6 @@ def load_set(path: Path) -> tuple[list[str], dict[str, set[int]]]:
             if row["label"].strip() == "1":
                 relevant[row["qtext"]].add(index)
     return list(corpus), dict(relevant)
-
-
-def start_daemon(args: argparse.Namespace, workdir: Path, models_dir: Path) -> tuple[Any, Path]:
-    socket_path = workdir / "agent.sock"
-    command = [
-        sys.executable, "-m", "edge_agent.cli", "--models-dir", str(models_dir),
-        "--log-level", "warning",
-        "serve", "--socket", str(socket_path), "--index-dir", str(workdir / "index"),
-        "--quant", args.quant, "--threads", str(args.threads), "--no-tune",
-    ]  # fmt: skip
-    env = {**os.environ, "EDGE_AGENT_HOME": str(workdir / "home")}
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("edge-agent listening on unix:"):
-        proc.kill()
-        raise SystemExit(f"the daemon did not start: {line!r}")
-    return proc, socket_path
 
 
 def evaluate(

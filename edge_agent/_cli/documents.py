@@ -113,7 +113,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         parts = ""
         if args.explain:
             dense = "-" if hit.dense_score is None else f"{hit.dense_score:.3f}"
-            keyword = "-" if hit.keyword_score is None else f"{hit.keyword_score:.2f}"
+            keyword = "-" if hit.keyword_score is None else f"{hit.keyword_score:.3g}"
             parts = f" (dense {dense}, keyword {keyword})"
         print(f"{rank:>3}. {hit.score:.4f}{parts}  {hit.id}  {text[:80]}")
     return 0

@@ -124,6 +124,43 @@ def test_add_search_delete_over_the_socket(daemon: ServerThread, tmp_path: Path)
     assert "faq-1" not in again.stdout
 
 
+def test_search_modes_and_full_filters_from_the_command_line(
+    daemon: ServerThread, tmp_path: Path
+) -> None:
+    sock = str(daemon.socket_path)
+    records = tmp_path / "modes.jsonl"
+    records.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in (
+                {
+                    "id": "e1",
+                    "text": "Error E4021 means the disk quota is full",
+                    "metadata": {"y": 2023},
+                },
+                {"id": "e2", "text": "Cats sleep most of the day", "metadata": {"y": 2019}},
+                {"id": "e3", "text": "向量检索让搜索更准确", "metadata": {"y": 2024}},
+            )
+        )
+        + "\n"
+    )
+    assert run_cli("add", "modes", str(records), "--connect", sock).returncode == 0
+    keyword = run_cli("search", "modes", "E4021", "--mode", "keyword", "--json", "--connect", sock)
+    assert keyword.returncode == 0, keyword.stderr
+    assert [json.loads(x)["id"] for x in keyword.stdout.splitlines()] == ["e1"]
+    cjk = run_cli("search", "modes", "向量检索", "--mode", "keyword", "--json", "--connect", sock)
+    assert [json.loads(x)["id"] for x in cjk.stdout.splitlines()] == ["e3"]
+    explained = run_cli("search", "modes", "E4021 quota", "--explain", "-k", "1", "--connect", sock)
+    assert explained.returncode == 0 and "(dense " in explained.stdout and "e1" in explained.stdout
+    ranged = run_cli(
+        "search", "modes", "anything", "--where", '{"y": {"gte": 2020, "lt": 2024}}',
+        "--mode", "dense", "--json", "--connect", sock,
+    )  # fmt: skip
+    assert [json.loads(x)["id"] for x in ranged.stdout.splitlines()] == ["e1"]
+    bad = run_cli("search", "modes", "x", "--where", '{"y": {"near": 1}}', "--connect", sock)
+    assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr
+
+
 def test_bad_input_exits_2_with_the_code(daemon: ServerThread, tmp_path: Path) -> None:
     sock = str(daemon.socket_path)
     bad = tmp_path / "bad.jsonl"

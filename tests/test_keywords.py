@@ -593,3 +593,24 @@ def test_concurrent_searches_and_writes(kw: KeywordIndex) -> None:
         thread.join()
     assert not errors
     assert kw.applied_lsn == 59 and kw.count() == 158
+
+
+def test_rare_only_matches_the_same_documents_scored_by_rare_words(tmp_path: Path) -> None:
+    """What hybrid search asks for: the same matches as a full search, ranked by the query's
+    rare words alone (the common words' share of the score dropped)."""
+    with KeywordIndex(tmp_path / "k.sqlite", common_min_df=3, common_fraction=0.0) as kw:
+        kw.upsert(
+            [
+                (1, "the cat sat on the mat"),
+                (2, "the dog sat on the log"),
+                (3, "the cat and the dog"),
+                (4, "the the the the zebra"),
+                (5, "a bird on a wire"),
+            ]
+        )
+        full = kw.search("the zebra cat", 10)
+        rare = kw.search("the zebra cat", 10, rare_only=True)
+        assert {label for label, _ in full} == {label for label, _ in rare} == {1, 3, 4}
+        # "the" is common (in 4 of 5 documents): without it, 4 is no longer helped by its
+        # four "the"s, and every score is lower.
+        assert all(r < f for (_, f), (_, r) in zip(sorted(full), sorted(rare), strict=True))

@@ -122,7 +122,9 @@ class Searching(CollectionState):
                     memory.index.set_ef(self.config.ef_search)
             dense = list(zip(labels.tolist(), scores.tolist(), strict=True))
             if keyword_ranking is None:
-                ranked = self._keyword_ranking(memory, keywords, text, pool, selection)
+                ranked = self._keyword_ranking(
+                    memory, keywords, text, pool, selection, rare_only=True
+                )
             else:
                 ranked = [
                     (label, score)
@@ -171,7 +173,11 @@ class Searching(CollectionState):
         with self._rw.read():
             memory = self._mem()
             self._check_has_text(memory, keywords)
-            return self._keyword_ranking(memory, keywords, text, k, self._selection(memory, flt))
+            # The fusion needs candidates and a score to rank them by, not exact BM25: the
+            # rare words alone give both at a fifth of the cost (keywords.search).
+            return self._keyword_ranking(
+                memory, keywords, text, k, self._selection(memory, flt), rare_only=True
+            )
 
     @staticmethod
     def _hybrid_pool(k: int, fusion: str, weight: float | None, candidates: int | None) -> int:
@@ -232,13 +238,22 @@ class Searching(CollectionState):
         text: str,
         k: int,
         selection: Selection | None,
+        *,
+        rare_only: bool = False,
     ) -> list[tuple[int, float]]:
         live = memory.by_label
         if selection is None:
             # The keyword file mirrors the live documents, so no predicate is needed (and
             # without one SQLite keeps just the top k); the check only guards a moment's lag.
-            return [hit for hit in keywords.search(text, k) if hit[0] in live]
-        return keywords.search(text, k, lambda label: label in live and selection.allowed(label))
+            return [
+                hit for hit in keywords.search(text, k, rare_only=rare_only) if hit[0] in live
+            ]
+        return keywords.search(
+            text,
+            k,
+            lambda label: label in live and selection.allowed(label),
+            rare_only=rare_only,
+        )
 
     @staticmethod
     def _hit(

@@ -20,6 +20,7 @@ __all__ = [
     "EdgeAgentError",
     "EmptyText",
     "EngineError",
+    "EngineUnresponsive",
     "ErrorCode",
     "InsecureListen",
     "InsufficientMemory",
@@ -175,6 +176,13 @@ class EngineError(EdgeAgentError, RuntimeError):
     """llama.cpp refused an operation (e.g. a decode failed)."""
 
     code = ErrorCode.ENGINE_ERROR
+
+
+class EngineUnresponsive(EngineError):
+    """The engine child gave no answer by its call's deadline (stopped, hung, swapped out) and
+    was killed. Same wire code as ``EngineError``: a client sees an engine failure either way;
+    the daemon retries such a call once on the fresh child, since the stall is rarely the
+    input's fault."""
 
 
 _BY_CODE: dict[int, type[EdgeAgentError]] = {

@@ -28,7 +28,13 @@ from .._version import __version__
 from ..embedding.embedder import Embedder, Embeddings
 from ..embedding.worker import ProcessEmbedder
 from ..embedding.workload import DeadlinePolicy, WorkModel
-from ..errors import DimensionsNotSupported, EdgeAgentError, InvalidArgument, TextTooLong
+from ..errors import (
+    DimensionsNotSupported,
+    EdgeAgentError,
+    EngineUnresponsive,
+    InvalidArgument,
+    TextTooLong,
+)
 from ..logs import kv
 from ..options import ServiceConfig
 from ..protocol import (
@@ -108,6 +114,7 @@ class _Job:
     sent: int = 0  # texts handed to the engine so far
     parts: list[Embeddings] = field(default_factory=list)
     alone: bool = False  # rerun by itself after its coalesced batch hit an input error
+    stall_retried: bool = False  # one of its slices already met an unresponsive engine
 
     @property
     def urgent(self) -> bool:
@@ -195,6 +202,7 @@ class Service:
         self.sliced_requests = 0
         self.liveness_failures = 0
         self.deadline_failures = 0
+        self.stall_retries = 0
         self._idle = asyncio.Event()  # set whenever the queue drains with the engine idle
         self._closing = False
         self._closed = False
@@ -398,6 +406,7 @@ class Service:
                 "seconds_per_token": round(self.work.seconds_per_token, 7),
                 "engine_restarts": getattr(self.embedder, "restarts", 0),
                 "deadline_failures": self.deadline_failures,
+                "stall_retries": self.stall_retries,
                 "liveness_failures": self.liveness_failures,
             },
             "transport": self.transport_stats(),
@@ -632,6 +641,23 @@ class Service:
         finally:
             self._kick()
 
+    def _retry_after_stall(self, batch: list[_Slice], exc: EngineUnresponsive) -> None:
+        """The engine gave no answer by the deadline and was killed. A stall is rarely the
+        input's fault (a stopped, swapped-out or starved child), so each request of the batch
+        runs once more, alone, on the fresh child; one that stalls a second engine fails, so a
+        text that truly hangs the engine costs two deadlines, not a loop."""
+        failed = [piece for piece in batch if piece.job.stall_retried]
+        again = [piece for piece in batch if not piece.job.stall_retried]
+        for piece in again:
+            piece.job.stall_retried = True
+        self.stall_retries += len(again)
+        log.warning(
+            "%s",
+            kv(event="engine_stalled", detail=exc.message, retried=len(again), failed=len(failed)),
+        )
+        self._fail(failed, exc)
+        self._requeue_alone(again)
+
     def _requeue_alone(self, batch: list[_Slice]) -> None:
         """Run each request of a failed coalesced batch by itself, from the failed slice on,
         at the front of its queue, so only the sender of the bad text sees the error."""
@@ -666,9 +692,11 @@ class Service:
             piece = batch[0]
             self._fail(batch, _shift_index(exc, piece.start))
             return
+        if isinstance(exc, EngineUnresponsive):
+            self.deadline_failures += 1
+            self._retry_after_stall(batch, exc)
+            return
         if isinstance(exc, EdgeAgentError):
-            if "no answer in" in exc.message:
-                self.deadline_failures += 1
             self._fail(batch, exc)
             return
         if exc is not None:  # a bug in the engine layer: report it, keep serving

@@ -34,7 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import EdgeAgentError, EngineError, InvalidArgument, error_for_code
+from ..errors import (
+    EdgeAgentError,
+    EngineError,
+    EngineUnresponsive,
+    InvalidArgument,
+    error_for_code,
+)
 from ..logs import kv
 from ..models.manifest import ModelManifest
 from ..models.store import ResolvedModel
@@ -498,7 +504,8 @@ class ProcessEmbedder(ModelHandle):
             self._reap()
         finally:
             self._lock.release()
-        return EngineError(
+        error = EngineUnresponsive if timed_out else EngineError
+        return error(
             f"the embedding engine process failed while embedding ({how});"
             " it will be restarted on the next call",
             model=self.manifest.name,

@@ -51,6 +51,7 @@ $(STAMP)/deps: pyproject.toml $(STAMP)/engine
 deps: $(STAMP)/deps
 
 $(STAMP)/test-deps: pyproject.toml | $(STAMP)/deps
+	$(PIP) install --quiet "torch==2.13.0"
 	$(PIP) install --quiet -e ".[test]"
 	.ci/system-deps
 	@touch $@

@@ -200,6 +200,10 @@ SETTINGS: tuple[Setting, ...] = (
     _s("metrics_listen", "address", None,
        "Prometheus text exposition over HTTP at http://HOST:PORT/metrics; unset: off",
        env="EDGE_AGENT_METRICS_LISTEN", flag="--metrics-listen"),
+    _s("http", "address", None,
+       "OpenAI-compatible embeddings, a REST API and a search page at http://HOST:PORT/;"
+       " a non-loopback host needs an auth token; unset: off",
+       env="EDGE_AGENT_HTTP", flag="--http"),
     # -- limits ----------------------------------------------------------------------------
     _s("limits.max_message_bytes", "bytes", 8 << 20, "bytes of one request",
        low=64, high=1 << 30, env="EDGE_AGENT_MAX_MESSAGE_BYTES"),
@@ -296,6 +300,18 @@ SETTINGS: tuple[Setting, ...] = (
        low=1, high=1 << 30, env="EDGE_AGENT_INDEX_MAX_TEXT_BYTES"),
     _s("index.max_batch", "int", 10_000, "documents per write call",
        low=1, high=1_000_000, env="EDGE_AGENT_INDEX_MAX_BATCH"),
+    _s("index.backend", "choice", "local",
+       'where new collections live: "local" (files under index_dir) or "milvus" (milvus_uri)',
+       choices=("local", "milvus"), env="EDGE_AGENT_INDEX_BACKEND"),
+    _s("index.milvus_uri", "str", None,
+       "Milvus for new milvus collections: a Milvus Lite file (*.db) or http://host:19530",
+       env="EDGE_AGENT_INDEX_MILVUS_URI"),
+    _s("index.milvus_token_file", "path", None,
+       "file holding the Milvus token (user:password or an API key); read, never stored",
+       env="EDGE_AGENT_INDEX_MILVUS_TOKEN_FILE"),
+    _s("index.milvus_timeout", "float", 10.0,
+       "seconds each Milvus call may take before the collection reports BACKEND_UNAVAILABLE",
+       low=0.1, high=600, env="EDGE_AGENT_INDEX_MILVUS_TIMEOUT"),
     # -- logs ------------------------------------------------------------------------------
     _s("log.level", "choice", "info", "least severe level written",
        choices=("debug", "info", "warning", "error"), env="EDGE_AGENT_LOG_LEVEL",
@@ -440,6 +456,7 @@ class Config:
             advertise=v("advertise"),
             advertise_interfaces=tuple(v("advertise_interfaces")),
             metrics_listen=v("metrics_listen"),
+            http_listen=v("http"),
             socket_mode=int(v("socket_mode"), 8),
         )
 
@@ -884,6 +901,7 @@ _EXAMPLES: dict[str, Any] = {
     "listen": "127.0.0.1:7878",
     "token_file": "/etc/edge-agent/token",
     "metrics_listen": "127.0.0.1:9464",
+    "http": "127.0.0.1:8080",
     "index.exact_search_max": 10000,
 }
 

@@ -112,6 +112,9 @@ class ServeOptions:
     advertise_interfaces: tuple[str, ...] = ()  # addresses/interfaces to announce on; () = all
     # Prometheus text exposition at http://HOST:PORT/metrics (edge_agent.daemon.metrics); None: off.
     metrics_listen: str | None = None
+    # OpenAI-compatible embeddings, the REST API and the search page (edge_agent.daemon.http) at
+    # http://HOST:PORT/; same protected mode as listen. None: off.
+    http_listen: str | None = None
     # The Unix socket's permissions: 0o660 lets the socket's group connect (a system service
     # whose clients are in its group); anything wider is refused.
     socket_mode: int = 0o600

@@ -341,6 +341,7 @@ def test_every_option_of_the_daemon_is_a_setting() -> None:
         "max_connections": "limits.max_connections",
         "max_queue": "limits.max_queue",
         "shutdown_grace": "limits.shutdown_grace",
+        "http_listen": "http",
     }
     for option in dataclasses.fields(ServeOptions):
         if option.name not in internal:

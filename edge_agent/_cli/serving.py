@@ -128,6 +128,12 @@ def add_serve_parser(commands: Any, paths: Paths) -> None:
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9464)",
     )
+    p.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="serve OpenAI-compatible embeddings, a REST API and a search page over HTTP"
+        " (e.g. 127.0.0.1:8080; other addresses need a token)",
+    )
     p.add_argument("--no-tune", action="store_true", help="use the profile rules only")
     p.add_argument(
         "--listen",

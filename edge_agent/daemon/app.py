@@ -34,6 +34,7 @@ from ..paths import default_paths
 from ..protocol import Limits
 from ..selection.choose import Override
 from ..selection.selftest import safe_start
+from .http import HttpServer, HttpSettings, build_app
 from .index_service import IndexService
 from .metrics import MetricsServer, memory_section, metrics_endpoint
 from .sdnotify import Notifier
@@ -90,6 +91,25 @@ def _tcp_endpoint(options: ServeOptions, token: str | None) -> tuple[str, int] |
             " listen on 127.0.0.1"
         )
     return host, port
+
+
+def _http_endpoint(options: ServeOptions, token: str | None) -> tuple[str, int] | None:
+    """The HTTP listener's address: the same protected mode as TCP."""
+    if options.http_listen is None:
+        return None
+    host, port = parse_host_port(options.http_listen)
+    if not is_loopback(host) and token is None:
+        raise InsecureListen(
+            f"refusing to serve HTTP on {host}:{port} without an auth token: anyone who can"
+            " reach this address could use the daemon. Create one (`edge-agent token > token"
+            " && chmod 600 token`) and pass --token-file token (or set EDGE_AGENT_TOKEN), or"
+            " serve HTTP on 127.0.0.1"
+        )
+    return host, port
+
+
+def _merged_stats(server: Server, http: HttpServer) -> dict[str, Any]:
+    return {**server.stats(), **http.stats()}
 
 
 def _data_dir(options: ServeOptions) -> Path:
@@ -194,6 +214,7 @@ async def run_server(
     check_socket_free(socket_path)
     token = resolve_auth_token(options)
     tcp = _tcp_endpoint(options, token)
+    http_at = _http_endpoint(options, token)
     metrics_at = metrics_endpoint(options.metrics_listen, options.socket_mode)
     limits = Limits(max_message_bytes=options.max_message_bytes)
     store = ModelStore(Path(options.models_dir).expanduser())
@@ -243,6 +264,18 @@ async def run_server(
     )
     service.transport_limits.update(server.transport_limits())
     service.transport_stats = server.stats
+    http: HttpServer | None = None
+    if http_at is not None:
+        settings = HttpSettings(
+            token=token,
+            max_body_bytes=options.max_message_bytes,
+            metrics=metrics_at is not None,
+            version=server_version(),
+        )
+        http = HttpServer(
+            build_app(service, settings), *http_at, max_connections=options.max_connections
+        )
+        service.transport_stats = functools.partial(_merged_stats, server, http)
     metrics: MetricsServer | None = None
     advertiser: Advertiser | None = None
     try:
@@ -260,10 +293,14 @@ async def run_server(
         if metrics_at is not None:
             metrics = MetricsServer(service.report, *metrics_at, version=server_version())
             await metrics.start()
+        if http is not None:
+            await http.start()
         if not stop.is_set() and ready is not None:
             ready(server.address)
             if server.tcp_address is not None:
                 ready(server.tcp_address)
+            if http is not None:
+                ready(http.address)
         await stop.wait()
         log.info("%s", kv(event="stopping", grace_s=options.shutdown_grace))
     finally:
@@ -274,7 +311,11 @@ async def run_server(
             await advertiser.close()
         if metrics is not None:
             await metrics.close()
-        await server.shutdown(options.shutdown_grace)
+        # Both transports drain at once: in-flight HTTP and socket requests share the grace.
+        await asyncio.gather(
+            server.shutdown(options.shutdown_grace),
+            *([http.close(options.shutdown_grace)] if http is not None else []),
+        )
         await asyncio.to_thread(index.close)
         await service.close(options.shutdown_grace)
 

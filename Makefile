@@ -37,7 +37,7 @@ $(PY):
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 
 # Compiled engine first, with flags from this host's CPU (see packaging/build_engine.py).
-$(STAMP)/engine: packaging/build_engine.py edge_agent/hardware/cpu.py edge_agent/hardware/build_flags.py | $(PY)
+$(STAMP)/engine: packaging/build_engine.py $(wildcard packaging/patches/*.patch) edge_agent/hardware/cpu.py edge_agent/hardware/build_flags.py | $(PY)
 	$(PY) packaging/build_engine.py
 	@mkdir -p $(STAMP) && touch $@
 

@@ -52,6 +52,23 @@ def cmd_models_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_convert(args: argparse.Namespace) -> int:
+    from ..models.convert_hf import convert_model
+
+    store = model_store(args)
+    manifest = convert_model(store, Path(args.dir), name=args.name, quants=args.quants)
+    sizes = ", ".join(f"{q} {f.size / 1e6:.1f} MB" for q, f in manifest.files.items())
+    print(
+        f"{manifest.name}: {manifest.architecture}, {manifest.dims} dims, {manifest.pooling}"
+        f" pooling, {manifest.max_tokens} max tokens; {sizes} in {store.model_dir(manifest.name)}"
+    )
+    return 0
+
+
+def _quant_list(value: str) -> tuple[str, ...]:
+    return tuple(q.strip().upper() for q in value.split(",") if q.strip())
+
+
 def cmd_models_pull(args: argparse.Namespace) -> int:
     from ..models.pull import pull_gguf
 
@@ -83,6 +100,21 @@ def add_models_parser(commands: Any) -> None:
     p.add_argument("--document-template")
     p.add_argument("--matryoshka-dims", type=parse_dims_list, help="e.g. 64,128,256")
     p.set_defaults(func=cmd_models_import)
+    from ..models.convert_hf import CONVERT_QUANTS
+
+    p = model_commands.add_parser(
+        "convert",
+        help="convert a Hugging Face / sentence-transformers directory (BERT, Qwen3)",
+    )
+    p.add_argument("dir", help="directory with config.json, tokenizer files, *.safetensors")
+    p.add_argument("--name", help="model name in the store (default: the directory's name)")
+    p.add_argument(
+        "--quants",
+        type=_quant_list,
+        default=CONVERT_QUANTS,
+        help=f"comma-separated (default: {','.join(CONVERT_QUANTS)})",
+    )
+    p.set_defaults(func=cmd_models_convert)
     p = model_commands.add_parser("pull", help="download a GGUF, verify it, register it")
     p.add_argument("url")
     p.add_argument("--sha256", required=True)

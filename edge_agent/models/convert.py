@@ -1,30 +1,26 @@
 """Convert a Hugging Face BERT sentence-embedding model (safetensors + WordPiece vocab) to GGUF.
 
 Written on the ``gguf`` package's writer. The output is what llama.cpp's BERT graph expects:
-architecture ``bert``, non-causal attention, the pooling from sentence-transformers' config,
-and a WordPiece vocab in llama.cpp's "phantom space" form (word-initial pieces get U+2581,
-``##`` continuation pieces lose their prefix).
+architecture ``bert``, non-causal attention, the pooling from sentence-transformers' config
+(mean, CLS or last token: MiniLM, bge, e5, gte-style BERT models), and a WordPiece vocab in
+llama.cpp's "phantom space" form (word-initial pieces get U+2581, ``##`` continuation pieces
+lose their prefix). The vocab comes from vocab.txt or, without one, from tokenizer.json's
+WordPiece model.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import gguf
 import numpy as np
-from safetensors import safe_open
 
 from ..errors import ModelFileError
 from ..progress import Progress
+from .convert_st import read_json, read_max_seq_length, read_pooling
+from .convert_tensors import open_tensors
 
 __all__ = ["BertSource", "convert_bert", "read_bert_source"]
-
-_POOLING_FROM_ST = (
-    ("pooling_mode_mean_tokens", gguf.PoolingType.MEAN),
-    ("pooling_mode_cls_token", gguf.PoolingType.CLS),
-)
 
 
 class BertSource:
@@ -32,52 +28,53 @@ class BertSource:
 
     def __init__(self, model_dir: Path) -> None:
         self.dir = model_dir
-        self.config = _read_json(model_dir / "config.json")
+        self.config = read_json(model_dir / "config.json")
         if self.config.get("model_type") != "bert":
             raise ModelFileError(
                 f"{model_dir}: model_type {self.config.get('model_type')!r} is not bert",
                 path=str(model_dir),
             )
-        tokenizer_config = _read_json(model_dir / "tokenizer_config.json", required=False)
+        tokenizer_config = read_json(model_dir / "tokenizer_config.json", required=False)
         self.lowercase = bool(tokenizer_config.get("do_lower_case", True))
-        st_config = _read_json(model_dir / "sentence_bert_config.json", required=False)
-        self.max_tokens = int(
-            st_config.get("max_seq_length", self.config["max_position_embeddings"])
+        self.max_tokens = read_max_seq_length(
+            model_dir, int(self.config["max_position_embeddings"])
         )
-        pooling_config = _read_json(model_dir / "1_Pooling" / "config.json", required=False)
-        self.pooling = next(
-            (kind for key, kind in _POOLING_FROM_ST if pooling_config.get(key)),
-            gguf.PoolingType.MEAN,
-        )
-        try:
-            self.vocab = (model_dir / "vocab.txt").read_text(encoding="utf-8").split("\n")
-        except OSError as exc:
-            raise ModelFileError(f"cannot read {model_dir / 'vocab.txt'}: {exc}") from exc
-        if self.vocab and self.vocab[-1] == "":
-            self.vocab.pop()
+        self.pooling = read_pooling(model_dir, gguf.PoolingType.MEAN)
+        self.vocab = _read_wordpiece_vocab(model_dir)
         if len(self.vocab) != self.config["vocab_size"]:
             raise ModelFileError(
-                f"{model_dir}: vocab.txt has {len(self.vocab)} entries, config says"
+                f"{model_dir}: the vocabulary has {len(self.vocab)} entries, config says"
                 f" {self.config['vocab_size']}"
             )
-        self.weights = model_dir / "model.safetensors"
-        if not self.weights.is_file():
-            raise ModelFileError(f"{self.weights} is missing", path=str(self.weights))
+        self.tensors = open_tensors(model_dir)
+        self.weights = self.tensors.files[0]
 
     @property
     def dims(self) -> int:
         return int(self.config["hidden_size"])
 
 
-def _read_json(path: Path, required: bool = True) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        if required:
-            raise ModelFileError(f"{path} is missing", path=str(path)) from None
-        return {}
-    except (OSError, ValueError) as exc:
-        raise ModelFileError(f"cannot read {path}: {exc}", path=str(path)) from exc
+def _read_wordpiece_vocab(model_dir: Path) -> list[str]:
+    vocab_txt = model_dir / "vocab.txt"
+    if vocab_txt.is_file():
+        try:
+            vocab = vocab_txt.read_text(encoding="utf-8").split("\n")
+        except OSError as exc:
+            raise ModelFileError(f"cannot read {vocab_txt}: {exc}", path=str(vocab_txt)) from exc
+        if vocab and vocab[-1] == "":
+            vocab.pop()
+        return vocab
+    tokenizer = read_json(model_dir / "tokenizer.json", required=False)
+    model = tokenizer.get("model") or {}
+    if model.get("type") != "WordPiece" or not isinstance(model.get("vocab"), dict):
+        raise ModelFileError(
+            f"{model_dir}: no vocab.txt and no WordPiece vocabulary in tokenizer.json",
+            path=str(model_dir),
+        )
+    by_id = sorted(model["vocab"].items(), key=lambda item: item[1])
+    if [i for _, i in by_id] != list(range(len(by_id))):
+        raise ModelFileError(f"{model_dir}: tokenizer.json's vocabulary ids have gaps")
+    return [token for token, _ in by_id]
 
 
 def read_bert_source(model_dir: Path) -> BertSource:
@@ -137,25 +134,25 @@ def convert_bert(source: BertSource, out_path: Path, out_type: str = "F16", name
             writer.add_uint32(key, index[token])
     writer.add_bool("tokenizer.ggml.normalizer.lowercase", source.lowercase)
 
-    with safe_open(source.weights, framework="numpy") as weights:
-        keys = [k for k in weights.keys() if not k.endswith("position_ids")]  # noqa: SIM118
-        with Progress(f"convert {out_type}", total=len(keys), unit=" tensors") as bar:
-            for key in keys:
-                bar.advance(1)
-                stem = key.removeprefix("bert.")
-                if stem.startswith("pooler."):
-                    continue  # sentence-transformers pools itself; the BERT pooler is unused
-                base, _, suffix = stem.rpartition(".")
-                mapped = tensor_map.get_name(base)
-                if mapped is None:
-                    raise ModelFileError(f"{source.weights}: unexpected tensor {key}")
-                data = weights.get_tensor(key).astype(np.float32)
-                # Norms and biases stay f32 (tiny, precision-sensitive), and so does the token
-                # type table: llama.cpp adds a view of it directly, and its CPU add has no
-                # f32 + f16 kernel (the process aborts).
-                if out_type == "F16" and data.ndim >= 2 and mapped != "token_types":
-                    data = data.astype(np.float16)
-                writer.add_tensor(f"{mapped}.{suffix}", data)
+    weights = source.tensors
+    keys = [k for k in weights.names() if not k.endswith("position_ids")]
+    with Progress(f"convert {out_type}", total=len(keys), unit=" tensors") as bar:
+        for key in keys:
+            bar.advance(1)
+            stem = key.removeprefix("bert.")
+            if stem.startswith("pooler."):
+                continue  # sentence-transformers pools itself; the BERT pooler is unused
+            base, _, suffix = stem.rpartition(".")
+            mapped = tensor_map.get_name(base)
+            if mapped is None:
+                raise ModelFileError(f"{source.weights}: unexpected tensor {key}")
+            data = weights.get(key)
+            # Norms and biases stay f32 (tiny, precision-sensitive), and so does the token
+            # type table: llama.cpp adds a view of it directly, and its CPU add has no
+            # f32 + f16 kernel (the process aborts).
+            if out_type == "F16" and data.ndim >= 2 and mapped != "token_types":
+                data = data.astype(np.float16)
+            writer.add_tensor(f"{mapped}.{suffix}", data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -52,7 +52,7 @@ deps: $(STAMP)/deps
 
 $(STAMP)/test-deps: pyproject.toml | $(STAMP)/deps
 	$(PIP) install --quiet "torch==2.13.0"
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -e ".[test,milvus]"
 	.ci/system-deps
 	@touch $@
 

@@ -335,6 +335,36 @@ def _documents(result: Any, with_vectors: bool) -> list[dict[str, Any] | None]:
     return docs
 
 
+def _create_args(
+    name: str,
+    dimensions: int | None,
+    backend: str | None,
+    uri: str | None,
+    token_file: str | None,
+) -> dict[str, Any]:
+    args: dict[str, Any] = {"action": "create", "name": name}
+    for key, value in (
+        ("dimensions", dimensions),
+        ("backend", backend),
+        ("uri", uri),
+        ("token_file", token_file),
+    ):
+        if value is not None:
+            args[key] = value
+    return args
+
+
+def _ids_page(result: Any) -> dict[str, Any]:
+    if (
+        not isinstance(result, dict)
+        or not isinstance(result.get("ids"), list)
+        or not all(isinstance(i, str) for i in result["ids"])
+        or not (result.get("next") is None or isinstance(result.get("next"), str))
+    ):
+        raise BadResponse("collections ids result has no ids list")
+    return result
+
+
 def _int_field(result: Any, name: str) -> int:
     if not isinstance(result, dict) or not isinstance(result.get(name), int):
         raise BadResponse(f"result has no integer {name}")
@@ -612,11 +642,31 @@ class Client:
     def collections(self) -> list[dict[str, Any]]:
         return _collection_list(self.call("collections", {"action": "list"}))
 
-    def create_collection(self, name: str, dimensions: int | None = None) -> dict[str, Any]:
-        args: dict[str, Any] = {"action": "create", "name": name}
-        if dimensions is not None:
-            args["dimensions"] = dimensions
-        return self.call("collections", args)
+    def create_collection(
+        self,
+        name: str,
+        dimensions: int | None = None,
+        *,
+        backend: str | None = None,
+        uri: str | None = None,
+        token_file: str | None = None,
+    ) -> dict[str, Any]:
+        """A new collection. ``backend``: "local" or "milvus" (unset: the daemon's
+        index.backend); for Milvus, ``uri`` (a Milvus Lite *.db path or http://host:19530)
+        and ``token_file``, a file on the daemon's host holding the token."""
+        return self.call(
+            "collections", _create_args(name, dimensions, backend, uri, token_file)
+        )
+
+    def collection_ids(
+        self, name: str, *, after: str | None = None, limit: int = 1000
+    ) -> dict[str, Any]:
+        """One page of a collection's ids, sorted: ``ids``, ``next`` (pass it as ``after``
+        for the next page; None after the last) and ``total``."""
+        args: dict[str, Any] = {"action": "ids", "name": name, "limit": limit}
+        if after is not None:
+            args["after"] = after
+        return _ids_page(self.call("collections", args))
 
     def drop_collection(self, name: str) -> None:
         self.call("collections", {"action": "drop", "name": name})
@@ -956,11 +1006,31 @@ class AsyncClient:
     async def collections(self) -> list[dict[str, Any]]:
         return _collection_list(await self.call("collections", {"action": "list"}))
 
-    async def create_collection(self, name: str, dimensions: int | None = None) -> dict[str, Any]:
-        args: dict[str, Any] = {"action": "create", "name": name}
-        if dimensions is not None:
-            args["dimensions"] = dimensions
-        return await self.call("collections", args)
+    async def create_collection(
+        self,
+        name: str,
+        dimensions: int | None = None,
+        *,
+        backend: str | None = None,
+        uri: str | None = None,
+        token_file: str | None = None,
+    ) -> dict[str, Any]:
+        """A new collection. ``backend``: "local" or "milvus" (unset: the daemon's
+        index.backend); for Milvus, ``uri`` (a Milvus Lite *.db path or http://host:19530)
+        and ``token_file``, a file on the daemon's host holding the token."""
+        return await self.call(
+            "collections", _create_args(name, dimensions, backend, uri, token_file)
+        )
+
+    async def collection_ids(
+        self, name: str, *, after: str | None = None, limit: int = 1000
+    ) -> dict[str, Any]:
+        """One page of a collection's ids, sorted: ``ids``, ``next`` (pass it as ``after``
+        for the next page; None after the last) and ``total``."""
+        args: dict[str, Any] = {"action": "ids", "name": name, "limit": limit}
+        if after is not None:
+            args["after"] = after
+        return _ids_page(await self.call("collections", args))
 
     async def drop_collection(self, name: str) -> None:
         await self.call("collections", {"action": "drop", "name": name})

@@ -14,6 +14,7 @@ from enum import IntEnum
 from typing import Any
 
 __all__ = [
+    "BackendUnavailable",
     "ConfigError",
     "DimensionsNotSupported",
     "DownloadError",
@@ -55,6 +56,7 @@ class ErrorCode(IntEnum):
     CONFIG_ERROR = 209  # a setting (file, environment or flag) is unknown or out of range
     # Transient: retrying may work.
     ENGINE_ERROR = 300
+    BACKEND_UNAVAILABLE = 301  # a collection's remote store (Milvus) cannot be reached now
     # The protocol (edge_agent.protocol). Sent on the wire:
     BAD_REQUEST = 400  # valid msgpack but not a valid request (shape, params convention)
     UNKNOWN_METHOD = 401
@@ -185,6 +187,14 @@ class EngineUnresponsive(EngineError):
     input's fault."""
 
 
+class BackendUnavailable(EdgeAgentError, ConnectionError):
+    """The store a collection lives in (a Milvus server) is unreachable, too slow or
+    restarting. Only that collection is affected; ``retry_after_ms`` in the data says when
+    the daemon tries it again (it reconnects by itself)."""
+
+    code = ErrorCode.BACKEND_UNAVAILABLE
+
+
 _BY_CODE: dict[int, type[EdgeAgentError]] = {
     cls.code: cls
     for cls in (
@@ -203,6 +213,7 @@ _BY_CODE: dict[int, type[EdgeAgentError]] = {
         InsecureListen,
         ConfigError,
         EngineError,
+        BackendUnavailable,
         EdgeAgentError,
     )
 }

@@ -42,12 +42,14 @@ from .texts import check_text
 
 __all__ = [
     "ARGUMENTS",
+    "BACKENDS",
     "COLLECTION_ACTIONS",
     "ERROR_NOTIFICATION",
     "IF_EXISTS_MODES",
     "KINDS",
     "LONG_TEXT_MODES",
     "MAX_GET_IDS",
+    "MAX_IDS_PAGE",
     "NOTIFICATION",
     "PROTOCOL_VERSION",
     "REQUEST",
@@ -634,7 +636,9 @@ class EmbedArgs:
 # the index itself (edge_agent/index), which owns those rules and their limits.
 
 IF_EXISTS_MODES: Final = ("replace", "error")
-COLLECTION_ACTIONS: Final = ("list", "create", "drop", "info")
+COLLECTION_ACTIONS: Final = ("list", "create", "drop", "info", "ids")
+BACKENDS: Final = ("local", "milvus")  # where a collection's documents live
+MAX_IDS_PAGE: Final = 10_000  # collections ids: at most this many ids per call
 MAX_GET_IDS: Final = 1_000
 
 
@@ -949,16 +953,49 @@ class CollectionsArgs:
     action: str = "list"
     name: str | None = None
     dimensions: int | None = None  # create: a Matryoshka size the model supports
+    # create: where the documents live (None: the daemon's index.backend setting); for
+    # "milvus", the pymilvus URI and a file (on the daemon's host) holding the token.
+    backend: str | None = None
+    uri: str | None = None
+    token_file: str | None = None
+    # ids: one page of the collection's ids in sorted order, after ``after``.
+    after: str | None = None
+    limit: int = 1000
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> CollectionsArgs:
-        _reject_unknown("collections", args, ("action", "name", "dimensions"))
+        _reject_unknown(
+            "collections",
+            args,
+            ("action", "name", "dimensions", "backend", "uri", "token_file", "after", "limit"),
+        )
         action = _choice(args, "action", COLLECTION_ACTIONS, "list")
         name = None if action == "list" else _string(f"collections {action}", args, "name")
         dimensions = _optional_int(args, "dimensions")
         if dimensions is not None and action != "create":
             raise InvalidArgument("dimensions applies to create only", argument="dimensions")
-        return cls(action, name, dimensions)
+        backend = None if args.get("backend") is None else _choice(args, "backend", BACKENDS, "")
+        uri = None if args.get("uri") is None else _string("collections", args, "uri")
+        token_file = (
+            None if args.get("token_file") is None else _string("collections", args, "token_file")
+        )
+        for key, value in (("backend", backend), ("uri", uri), ("token_file", token_file)):
+            if value is not None and action != "create":
+                raise InvalidArgument(f"{key} applies to create only", argument=key)
+        if (uri is not None or token_file is not None) and backend == "local":
+            raise InvalidArgument("uri and token_file apply to the milvus backend", argument="uri")
+        after = None if args.get("after") is None else _string("collections", args, "after")
+        limit = _optional_int(args, "limit")
+        if (after is not None or limit is not None) and action != "ids":
+            raise InvalidArgument("after and limit apply to ids only", argument="after")
+        if limit is not None and not 1 <= limit <= MAX_IDS_PAGE:
+            raise InvalidArgument(
+                f"limit must be in [1, {MAX_IDS_PAGE}], got {limit}", argument="limit"
+            )
+        return cls(
+            action, name, dimensions, backend, uri, token_file, after,
+            1000 if limit is None else limit,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)

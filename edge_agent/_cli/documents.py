@@ -165,6 +165,10 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_collections(args: argparse.Namespace) -> int:
+    if args.action in ("copy", "export"):
+        from .moving import cmd_copy, cmd_export
+
+        return cmd_copy(args) if args.action == "copy" else cmd_export(args)
     with connect_client(args) as client:
         if args.action == "list":
             listed = client.collections()
@@ -185,7 +189,13 @@ def cmd_collections(args: argparse.Namespace) -> int:
         if not args.name:
             raise InvalidArgument(f"collections {args.action} needs a NAME")
         if args.action == "create":
-            result = client.create_collection(args.name, args.dimensions)
+            result = client.create_collection(
+                args.name,
+                args.dimensions,
+                backend=args.backend,
+                uri=args.uri,
+                token_file=args.milvus_token_file,
+            )
         elif args.action == "drop":
             if not args.yes:
                 raise InvalidArgument(
@@ -271,10 +281,31 @@ def add_collection_parsers(commands: Any) -> None:
     add_client_options(p)
     p.set_defaults(func=cmd_delete)
 
-    p = commands.add_parser("collections", help="list, create, drop or describe collections")
-    p.add_argument("action", nargs="?", default="list", choices=("list", "create", "drop", "info"))
+    p = commands.add_parser(
+        "collections", help="list, create, drop, describe, copy or export collections"
+    )
+    p.add_argument(
+        "action",
+        nargs="?",
+        default="list",
+        choices=("list", "create", "drop", "info", "copy", "export"),
+    )
     p.add_argument("name", nargs="?")
+    p.add_argument("dest", nargs="?", help="copy: the destination collection (made if missing)")
     p.add_argument("--dimensions", type=int, help="create: a Matryoshka size of the model")
+    p.add_argument(
+        "--backend",
+        choices=("local", "milvus"),
+        help="create/copy: where the new collection lives (default: the daemon's index.backend)",
+    )
+    p.add_argument("--uri", help="milvus: a Milvus Lite file (*.db) or http://host:19530")
+    p.add_argument(
+        "--milvus-token-file", help="milvus: a file (on the daemon's host) holding the token"
+    )
+    p.add_argument("--batch", type=int, default=500, help="copy/export: documents per call")
+    p.add_argument("--state", help="copy: the resume file (default: under the state dir)")
+    p.add_argument("--restart", action="store_true", help="copy: ignore a saved position")
+    p.add_argument("-o", "--output", help="export: the JSONL file (default: stdout)")
     p.add_argument("--yes", action="store_true", help="drop: confirm")
     p.add_argument("--json", action="store_true")
     add_client_options(p)

@@ -15,6 +15,7 @@ Part of the service layer (the only layer that crosses between asyncio and threa
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import functools
@@ -32,13 +33,14 @@ import numpy as np
 
 from ..errors import (
     CollectionNotFound,
+    ConfigError,
     DimensionsNotSupported,
     EdgeAgentError,
     IndexCorrupt,
     InvalidArgument,
     ModelMismatch,
 )
-from ..index import Collection, IndexStore, ModelFingerprint
+from ..index import IndexStore, ModelFingerprint
 from ..index.documents import (
     Hit,
     check_vector_rows,
@@ -47,7 +49,9 @@ from ..index.documents import (
     validate_text,
 )
 from ..index.fsutil import DISK_FULL_ERRNOS, describe_error, index_full, is_disk_full
-from ..index.manifest import validate_new_collection_name
+from ..index.manifest import CollectionManifest, validate_new_collection_name
+from ..index.milvus_collection import MilvusCollection, MilvusTarget
+from ..index.store import AnyCollection
 from ..logs import kv
 from ..protocol import (
     AddArgs,
@@ -70,7 +74,7 @@ log = logging.getLogger("edge_agent.index_service")
 
 @dataclass
 class _Put:
-    collection: Collection
+    collection: AnyCollection
     fingerprint: ModelFingerprint
     ids: list[str]
     vectors: np.ndarray
@@ -244,6 +248,15 @@ class IndexService:
         self._readers = ThreadPoolExecutor(
             max_workers=read_threads, thread_name_prefix="edge-agent-index-read"
         )
+        # Milvus collections: calls are network round trips that may stall until their
+        # timeout, so they get threads of their own (a writer per collection, a shared pool
+        # for reads): a slow Milvus never holds up the local collections.
+        self._remote_writers: dict[str, _Writer] = {}
+        self._remote = ThreadPoolExecutor(max_workers=8, thread_name_prefix="edge-agent-milvus")
+        self._ids_cache: dict[str, tuple[float, list[str]]] = {}
+        self._prober: asyncio.Future[None] | None = None
+        if store.config.backend == "milvus" and not store.config.milvus_uri:
+            raise ConfigError("index.backend = milvus needs index.milvus_uri")
         self._failed: dict[str, str] = {}  # collections that could not be opened, and why
         # Why the last write to disk failed (disk full, I/O error), until one succeeds: the
         # daemon's health is "degraded" meanwhile.
@@ -319,6 +332,18 @@ class IndexService:
 
     async def start(self) -> None:
         await asyncio.to_thread(self.open_all)
+        self._prober = asyncio.ensure_future(self._probe_loop())
+
+    async def _probe_loop(self, interval: float = 1.0) -> None:
+        """Tries each Milvus collection whose server was unreachable, once its back-off is
+        over, so health turns ok again without waiting for a request."""
+        while not self._closed:
+            await asyncio.sleep(interval)
+            for name in self.store.open_names():
+                collection = self.store.opened(name)
+                if isinstance(collection, MilvusCollection) and collection.retry_due():
+                    with contextlib.suppress(Exception):
+                        await self._read_on(collection, collection.probe)
 
     def close(self) -> None:
         """Apply every queued write, then close the collections (snapshot on close).
@@ -329,8 +354,13 @@ class IndexService:
         if self._closed:
             return
         self._closed = True
+        if self._prober is not None:
+            self._prober.cancel()
         self._writer.stop()
+        for writer in list(self._remote_writers.values()):
+            writer.stop()
         self._readers.shutdown(wait=True)
+        self._remote.shutdown(wait=True)
         try:
             self.store.close()
         except Exception as exc:
@@ -346,11 +376,29 @@ class IndexService:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._readers, lambda: fn(*args, **kwargs))
 
-    async def _write(self, job: _Put | _Call) -> Any:
+    async def _read_on(
+        self, collection: AnyCollection | None, fn: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        """``fn`` on the threads that serve ``collection``'s backend (None: Milvus')."""
+        if collection is not None and not isinstance(collection, MilvusCollection):
+            return await self._read(fn, *args, **kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._remote, lambda: fn(*args, **kwargs))
+
+    def _writer_of(self, collection: AnyCollection | None) -> _Writer:
+        if not isinstance(collection, MilvusCollection):
+            return self._writer
+        writer = self._remote_writers.get(collection.name)
+        if writer is None:
+            writer = self._remote_writers[collection.name] = _Writer(self.store.config.max_batch)
+        return writer
+
+    async def _write(self, job: _Put | _Call, on: AnyCollection | None = None) -> Any:
         if self._closed:
             raise ShuttingDown("the daemon is shutting down")
+        writer = self._writer_of(job.collection if isinstance(job, _Put) else on)
         try:
-            result = await asyncio.wrap_future(self._writer.submit(job))
+            result = await asyncio.wrap_future(writer.submit(job))
         except Exception as exc:
             # A full disk, or an I/O error writing (the WAL's untyped error); not e.g. a
             # CollectionExists whose cause is the OSError of a lost rename race.
@@ -414,7 +462,7 @@ class IndexService:
         )
         exc.message, exc.data, exc.args = message, data, (message,)
 
-    def _open(self, name: str) -> Collection:
+    def _open(self, name: str) -> AnyCollection:
         if name in self._failed:
             raise IndexCorrupt(
                 f"collection {name!r} could not be opened: {self._failed[name]}; run"
@@ -423,7 +471,7 @@ class IndexService:
             )
         return self.store.open(name)
 
-    async def _collection(self, name: str, *, create_for: int | None = None) -> Collection:
+    async def _collection(self, name: str, *, create_for: int | None = None) -> AnyCollection:
         """The open collection; with ``create_for`` (vector dims), create it when missing."""
         if name not in self._failed:
             collection = self.store.opened(name)
@@ -443,9 +491,21 @@ class IndexService:
                 " Matryoshka size)",
                 argument="vectors",
             )
-        return await self._write(_Call(lambda: self.store.get_or_create(name, fingerprint)))
+        return await self._write(_Call(self._creator(name, fingerprint)))
 
-    def _check_model(self, collection: Collection) -> ModelFingerprint:
+    def _default_milvus(self) -> MilvusTarget | None:
+        """Where new collections go when the request does not say (index.backend)."""
+        config = self.store.config
+        if config.backend != "milvus" or config.milvus_uri is None:
+            return None
+        uri, token_file = config.milvus_uri, config.milvus_token_file
+        return MilvusTarget(uri, token_file, None, config.milvus_timeout)
+
+    def _creator(self, name: str, fingerprint: ModelFingerprint) -> Callable[[], AnyCollection]:
+        """The writer's job that opens ``name`` or creates it in the default backend."""
+        return lambda: self.store.get_or_create(name, fingerprint, self._default_milvus())
+
+    def _check_model(self, collection: AnyCollection) -> ModelFingerprint:
         """The fingerprint to embed this collection's texts with, or ModelMismatch."""
         pinned = collection.fingerprint
         ours = self.fingerprint(pinned.dimensions)
@@ -459,13 +519,23 @@ class IndexService:
         return ours
 
     @staticmethod
-    def _info(collection: Collection) -> dict[str, Any]:
-        return {
+    def _info(collection: AnyCollection) -> dict[str, Any]:
+        """Blocks (a Milvus collection counts over the network): call it on a thread."""
+        info = {
             "name": collection.name,
             "count": collection.count(),
             "dims": collection.dim,
             "fingerprint": collection.fingerprint.to_json(),
+            "backend": "local",
         }
+        if isinstance(collection, MilvusCollection):
+            info.update(
+                backend="milvus",
+                uri=collection.target.uri,
+                milvus_collection=collection.milvus_collection,
+                full_text=collection.has_text,
+            )
+        return info
 
     # -- methods ----------------------------------------------------------------------------------
 
@@ -499,7 +569,7 @@ class IndexService:
             [doc.metadata for doc in args.docs],
         )
         try:
-            collection: Collection | None = await self._read(self._open, args.collection)
+            collection: AnyCollection | None = await self._read(self._open, args.collection)
         except CollectionNotFound:
             if not args.create:
                 raise
@@ -516,9 +586,7 @@ class IndexService:
             )
         )
         if collection is None:
-            collection = await self._write(
-                _Call(lambda: self.store.get_or_create(args.collection, fingerprint))
-            )
+            collection = await self._write(_Call(self._creator(args.collection, fingerprint)))
             fingerprint = self._check_model(collection)  # another request may have made it
         lsn = await self._write(
             _Put(
@@ -576,10 +644,11 @@ class IndexService:
         query: np.ndarray | None = args.vector
         embed_ms = 0.0
         keyword_side: asyncio.Future[list[tuple[int, float]]] | None = None
-        if mode == "hybrid" and query is None and 1 <= args.k <= 10_000:
+        local = not isinstance(collection, MilvusCollection)
+        if local and mode == "hybrid" and query is None and 1 <= args.k <= 10_000:
             # The words need no embedding: rank them on a reader thread while the engine
             # embeds the query, so hybrid costs about max(embed, keyword), not their sum.
-            assert args.text is not None
+            assert args.text is not None and not isinstance(collection, MilvusCollection)
             keyword_side = asyncio.ensure_future(
                 self._read(
                     functools.partial(
@@ -619,7 +688,8 @@ class IndexService:
         searched = time.perf_counter()
         if mode == "keyword":
             assert args.text is not None
-            hits = await self._read(
+            hits = await self._read_on(
+                collection,
                 functools.partial(
                     collection.search_keyword,
                     args.text,
@@ -630,7 +700,8 @@ class IndexService:
             )
         elif mode == "hybrid":
             assert args.text is not None and query is not None
-            hits = await self._read(
+            hits = await self._read_on(
+                collection,
                 functools.partial(
                     collection.search_hybrid,
                     fingerprint,
@@ -663,7 +734,7 @@ class IndexService:
             if found is None:
                 self._searching += 1
                 try:
-                    found = await self._read(search)
+                    found = await self._read_on(collection, search)
                 finally:
                     self._searching -= 1
             hits = found
@@ -681,9 +752,11 @@ class IndexService:
         collection = await self._collection(args.collection)
 
         def fetch() -> list[Any]:
+            if isinstance(collection, MilvusCollection):
+                return collection.get_many(args.ids, with_vector=args.with_vectors)
             return [collection.get(doc_id, with_vector=args.with_vectors) for doc_id in args.ids]
 
-        docs = await self._read(fetch)
+        docs = await self._read_on(collection, fetch)
         result: dict[str, Any] = {
             "collection": collection.name,
             "documents": [
@@ -699,12 +772,13 @@ class IndexService:
 
     async def _delete(self, args: DeleteArgs) -> dict[str, Any]:
         collection = await self._collection(args.collection)
-        deleted = await self._write(_Call(lambda: collection.delete(args.ids)))
+        deleted = await self._write(_Call(lambda: collection.delete(args.ids)), on=collection)
         return {"collection": collection.name, "deleted": deleted}
 
     async def _count(self, args: CountArgs) -> dict[str, Any]:
         collection = await self._collection(args.collection)
-        return {"collection": collection.name, "count": await self._read(collection.count)}
+        count = await self._read_on(collection, collection.count)
+        return {"collection": collection.name, "count": count}
 
     async def _collections(self, args: CollectionsArgs) -> dict[str, Any]:
         if args.action == "list":
@@ -721,17 +795,83 @@ class IndexService:
                 )
             validate_new_collection_name(name)
             fingerprint = self.fingerprint(dims)
-            collection = await self._write(_Call(lambda: self.store.create(name, fingerprint)))
-            log.info("%s", kv(event="collection_created", collection=name))
-            return self._info(collection)
+            milvus = self._target_of(args)
+            created: AnyCollection
+            if milvus is None:
+                created = await self._write(_Call(lambda: self.store.create(name, fingerprint)))
+            else:
+                # Milvus' round trips stay off the local writer (a slow server would hold up
+                # every local write); the store's lock still makes the name's creation atomic.
+                created = await self._read_on(
+                    None, lambda: self.store.create(name, fingerprint, milvus)
+                )
+            log.info(
+                "%s",
+                kv(event="collection_created", collection=name, backend=args.backend or "default"),
+            )
+            return dict(await self._read_on(created, self._info, created))
         if args.action == "drop":
-            await self._write(_Call(lambda: self.store.drop(name), writes_disk=False))
+            if isinstance(self.store.opened(name), MilvusCollection) or self._is_milvus(name):
+                await self._read_on(None, lambda: self.store.drop(name))
+                stale = self._remote_writers.pop(name, None)
+                if stale is not None:
+                    await asyncio.to_thread(stale.stop)
+            else:
+                await self._write(_Call(lambda: self.store.drop(name), writes_disk=False))
             self._failed.pop(name, None)
             log.info("%s", kv(event="collection_dropped", collection=name))
             return {"dropped": name}
         collection = await self._collection(name)
-        stats = await self._read(collection.stats)
-        return {**self._info(collection), "stats": self._scrub_data(dataclasses.asdict(stats))}
+        if args.action == "ids":
+            return dict(await self._read_on(collection, self._ids_page, collection, args))
+        stats = await self._read_on(collection, collection.stats)
+        info = await self._read_on(collection, self._info, collection)
+        return {**info, "stats": self._scrub_data(dataclasses.asdict(stats))}
+
+    def _is_milvus(self, name: str) -> bool:
+        try:
+            manifest = CollectionManifest.load(self.store.path_of(name))
+        except EdgeAgentError:
+            return False
+        return MilvusCollection.target_of(manifest) is not None
+
+    def _target_of(self, args: CollectionsArgs) -> MilvusTarget | None:
+        """Where ``collections create`` puts the collection: the request's backend, else the
+        daemon's default (index.backend); a request's milvus without uri takes the
+        daemon's index.milvus_uri (and its token file)."""
+        config = self.store.config
+        if (args.backend or config.backend) != "milvus":
+            return None
+        uri = args.uri or config.milvus_uri
+        if uri is None:
+            raise InvalidArgument(
+                "backend milvus needs uri (or the daemon's index.milvus_uri setting)",
+                argument="uri",
+            )
+        token_file = args.token_file
+        if token_file is None and uri == config.milvus_uri:
+            token_file = config.milvus_token_file
+        return MilvusTarget(uri, token_file, None, config.milvus_timeout)
+
+    def _ids_page(self, collection: AnyCollection, args: CollectionsArgs) -> dict[str, Any]:
+        """One page of the collection's ids in sorted order, after ``args.after``: what
+        `collections copy` and `export` walk. The sorted list is kept for a minute between
+        pages (listing a Milvus collection's ids per page would be quadratic)."""
+        cached = self._ids_cache.get(collection.name)
+        now = time.monotonic()
+        if args.after is None or cached is None or now - cached[0] > 60:
+            cached = (now, sorted(collection.ids()))
+            self._ids_cache[collection.name] = cached
+        ids = cached[1]
+        start = 0 if args.after is None else bisect.bisect_right(ids, args.after)
+        page = ids[start : start + args.limit]
+        more = start + args.limit < len(ids)
+        return {
+            "collection": collection.name,
+            "ids": page,
+            "next": page[-1] if more and page else None,
+            "total": len(ids),
+        }
 
     def _list(self) -> list[dict[str, Any]]:
         listed = []
@@ -760,6 +900,12 @@ class IndexService:
             if error is not None:
                 snapshot_errors[name] = self._scrub(error)
         reasons = [f"collection {name!r} cannot be opened" for name in sorted(self._failed)]
+        backend_errors = {}
+        for name in sorted(self.store.open_names()):
+            collection = self.store.opened(name)
+            if isinstance(collection, MilvusCollection) and collection.backend_error:
+                backend_errors[name] = collection.backend_error
+        reasons += [f"collection {name!r}: {e}" for name, e in backend_errors.items()]
         if self._write_error is not None:
             reasons.append(f"writes fail: {self._write_error}")
         reasons += [f"snapshots of {name!r} fail: {e}" for name, e in snapshot_errors.items()]
@@ -769,6 +915,7 @@ class IndexService:
             "unavailable": {name: self._scrub(e) for name, e in self._failed.items()},
             "write_error": self._write_error,
             "snapshot_errors": snapshot_errors,
+            "backend_errors": backend_errors,
             "write_queue": self._writer.depth,
         }
         if reasons:

@@ -65,6 +65,13 @@ class IndexConfig:
     max_metadata_bytes: int = 64 << 10
     max_text_bytes: int = 1 << 20
     max_batch: int = 10_000  # documents per write call (one WAL record, applied atomically)
+    # Where new collections live (an existing one keeps its own, from its manifest):
+    # "local", or "milvus" at milvus_uri (milvus_collection.py), each call within
+    # milvus_timeout seconds, the token read from milvus_token_file.
+    backend: str = "local"
+    milvus_uri: str | None = None
+    milvus_token_file: str | None = None
+    milvus_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         for name, low, high in (
@@ -92,6 +99,15 @@ class IndexConfig:
         for flag in ("snapshot_on_close", "snapshot_in_background"):
             if not isinstance(getattr(self, flag), bool):
                 raise InvalidArgument(f"{flag} must be a bool")
+        if self.backend not in ("local", "milvus"):
+            raise InvalidArgument(f"backend must be local or milvus, got {self.backend!r}")
+        if self.milvus_token_file is not None and not isinstance(self.milvus_token_file, str):
+            object.__setattr__(self, "milvus_token_file", str(self.milvus_token_file))
+        timeout = self.milvus_timeout
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not (
+            0.1 <= timeout <= 600
+        ):
+            raise InvalidArgument(f"milvus_timeout must be in [0.1, 600], got {timeout!r}")
         ratio = self.compact_deleted_ratio
         if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1:
             raise InvalidArgument(f"compact_deleted_ratio must be in (0, 1], got {ratio!r}")

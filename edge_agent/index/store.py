@@ -13,9 +13,18 @@ from .collection import Collection
 from .config import IndexConfig
 from .fingerprint import ModelFingerprint
 from .fsutil import TMP_SUFFIX, fsync_dir
-from .manifest import MANIFEST_NAME, validate_collection_name, validate_new_collection_name
+from .manifest import (
+    MANIFEST_NAME,
+    CollectionManifest,
+    validate_collection_name,
+    validate_new_collection_name,
+)
+from .milvus_collection import MilvusCollection, MilvusTarget
 
-__all__ = ["IndexStore"]
+# A collection of either backend: the local files (Collection) or Milvus (MilvusCollection).
+AnyCollection = Collection | MilvusCollection
+
+__all__ = ["AnyCollection", "IndexStore"]
 
 
 class IndexStore:
@@ -24,7 +33,7 @@ class IndexStore:
     def __init__(self, root: Path, config: IndexConfig | None = None) -> None:
         self.root = Path(root)
         self.config = config or IndexConfig()
-        self._open: dict[str, Collection] = {}
+        self._open: dict[str, AnyCollection] = {}
         self._lock = threading.Lock()
 
     def path_of(self, name: str) -> Path:
@@ -42,19 +51,30 @@ class IndexStore:
     def exists(self, name: str) -> bool:
         return (self.path_of(name) / MANIFEST_NAME).is_file()
 
-    def create(self, name: str, fingerprint: ModelFingerprint) -> Collection:
+    def create(
+        self, name: str, fingerprint: ModelFingerprint, milvus: MilvusTarget | None = None
+    ) -> AnyCollection:
         """A new collection (INVALID_ARGUMENT for a reserved name, see
-        manifest.validate_new_collection_name; INDEX_FULL if the disk is full)."""
+        manifest.validate_new_collection_name; INDEX_FULL if the disk is full); in Milvus
+        when ``milvus`` says where (the manifest here records it)."""
         with self._lock:
             path = self.root / validate_new_collection_name(name)
             if name in self._open or path.exists():
                 raise CollectionExists(f"collection {name!r} already exists", name=name)
-            collection = Collection.create(path, fingerprint, self.config, name=name)
+            collection: AnyCollection
+            if milvus is not None:
+                collection = MilvusCollection.create(
+                    path, fingerprint, self.config, name=name, target=milvus
+                )
+            else:
+                collection = Collection.create(path, fingerprint, self.config, name=name)
             self._open[name] = collection
             return collection
 
-    def open(self, name: str) -> Collection:
-        """The open handle for ``name`` (opened and recovered on first use)."""
+    def open(self, name: str) -> AnyCollection:
+        """The open handle for ``name`` (opened and recovered on first use; a Milvus
+        collection opens from its manifest without a network call)."""
+        collection: AnyCollection | None
         with self._lock:
             collection = self._open.get(name)
             if collection is not None:
@@ -64,11 +84,15 @@ class IndexStore:
                 # Neither the root nor the other collections' names: the message reaches
                 # remote clients (`collections list` is the way to see what exists).
                 raise CollectionNotFound(f"no collection {name!r}", name=name)
-            collection = Collection.open(path, self.config)
+            manifest = CollectionManifest.load(path) if path.is_dir() else None
+            if manifest is not None and MilvusCollection.target_of(manifest) is not None:
+                collection = MilvusCollection.open(path, self.config, manifest)
+            else:
+                collection = Collection.open(path, self.config)
             self._open[name] = collection
             return collection
 
-    def opened(self, name: str) -> Collection | None:
+    def opened(self, name: str) -> AnyCollection | None:
         """The handle for ``name`` if it is open already, else None; never blocks (a single
         dict read, atomic under the GIL), so an event loop may call it."""
         return self._open.get(name)
@@ -77,12 +101,14 @@ class IndexStore:
         """Names of the collections open now; never blocks (one atomic copy of a dict)."""
         return list(self._open)
 
-    def get_or_create(self, name: str, fingerprint: ModelFingerprint) -> Collection:
+    def get_or_create(
+        self, name: str, fingerprint: ModelFingerprint, milvus: MilvusTarget | None = None
+    ) -> AnyCollection:
         try:
             return self.open(name)
         except CollectionNotFound:
             try:
-                return self.create(name, fingerprint)
+                return self.create(name, fingerprint, milvus)
             except CollectionExists:
                 return self.open(name)
 
@@ -105,9 +131,18 @@ class IndexStore:
 
     def drop(self, name: str) -> None:
         """Delete a collection and its files (renamed away first, so a crash never leaves a
-        half-deleted collection under its name)."""
+        half-deleted collection under its name). A Milvus collection is dropped in Milvus
+        first (for every agent that shares it); if Milvus cannot be reached, nothing changes
+        (BACKEND_UNAVAILABLE)."""
         with self._lock:
             path = self.path_of(name)
+            collection = self._open.get(name)
+            if collection is None and (path / MANIFEST_NAME).is_file():
+                manifest = CollectionManifest.load(path)
+                if MilvusCollection.target_of(manifest) is not None:
+                    collection = MilvusCollection.open(path, self.config, manifest)
+            if isinstance(collection, MilvusCollection):
+                collection.drop_remote()
             collection = self._open.pop(name, None)
             if collection is not None:
                 collection.close()

@@ -104,7 +104,6 @@ async def read_json(request: Request, settings: HttpSettings) -> Any:
             ErrorCode.BAD_REQUEST,
             "send the body as JSON with Content-Type: application/json"
             f" (got {media or 'none'!r:.60})",
-            close=True,
         )
     limit = settings.max_body_bytes
     declared = request.headers.get("content-length")
@@ -368,6 +367,16 @@ def _vectors_inline(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _big_body(scope: Scope) -> bool:
+    """Whether the request's body is chunked or declared over MAX_UNAUTHENTICATED_BODY."""
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length":
+            return not value.isdigit() or int(value) > limits.MAX_UNAUTHENTICATED_BODY
+    return False
+
+
 class _Guard:
     """Checks ``Authorization: Bearer <token>`` (constant time) before anything else runs.
 
@@ -397,6 +406,6 @@ class _Guard:
             return
         code = ErrorCode.AUTH_FAILED if given else ErrorCode.AUTH_REQUIRED
         message = "wrong token" if given else "this listener needs Authorization: Bearer <token>"
-        response = error_response(HttpError(401, code, message), close=True)
+        response = error_response(HttpError(401, code, message), close=_big_body(scope))
         response.headers["WWW-Authenticate"] = 'Bearer realm="edge-agent"'
         await response(scope, receive, send)

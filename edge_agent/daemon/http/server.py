@@ -72,6 +72,41 @@ class _Connections:
         self.open.pop(conn, None)
 
 
+class _LingeringTransport:
+    """The connection's transport, except that ``close`` lingers (as nginx does): the reply is
+    flushed and the write side shut, then whatever the client still sends (the rest of a body
+    refused with 413) is read and dropped for up to ``LINGER_S``. Closing at once with unread
+    bytes would send a TCP reset, which can destroy the 413 before the client reads it."""
+
+    def __init__(self, transport: asyncio.Transport, owner: _Protocol) -> None:
+        self._transport = transport
+        self._owner = owner
+        self.lingering = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self.lingering or self._transport.is_closing():
+            return
+        self.lingering = True
+        try:
+            self._transport.resume_reading()
+            if self._transport.can_write_eof():
+                self._transport.write_eof()
+        except (OSError, RuntimeError):
+            self._transport.close()
+            return
+        self._owner.loop.call_later(limits.LINGER_S, self.abort)
+
+    def abort(self) -> None:
+        self.lingering = True
+        self._transport.close()
+
+
 class _Protocol(H11Protocol):
     """uvicorn's h11 protocol with a head deadline and the connection table."""
 
@@ -86,19 +121,29 @@ class _Protocol(H11Protocol):
         return self.cycle is not None and not self.cycle.response_complete
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)  # type: ignore[arg-type]
+        assert isinstance(transport, asyncio.Transport)
+        self._lingering = _LingeringTransport(transport, self)
+        super().connection_made(self._lingering)  # type: ignore[arg-type]
         if not self.table.admit(self):
             self.transport.write(_busy_response(self.table.limit))
             self.transport.close()
             return
         self._arm_head_timer()
 
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        if self._lingering.lingering:
+            self._lingering.abort()  # the client read our reply and is done
+        return None
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lingering.lingering = True  # gone: nothing left to linger for
         self._cancel_head_timer()
         self.table.forget(self)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering.lingering:
+            return  # the rest of a refused request: dropped unread
         self.table.touch(self)
         super().data_received(data)
         if self.in_request:
@@ -112,8 +157,7 @@ class _Protocol(H11Protocol):
 
     def drop(self) -> None:
         self._cancel_head_timer()
-        if not self.transport.is_closing():
-            self.transport.close()
+        self._lingering.abort()
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
@@ -128,7 +172,7 @@ class _Protocol(H11Protocol):
         self._head_timer = None
         if not self.in_request and not self.transport.is_closing():
             self.table.head_timeouts += 1
-            self.transport.close()
+            self._lingering.abort()
 
 
 class HttpServer:

@@ -12,6 +12,7 @@ BODY_TIMEOUT_S = 30.0  # a request's whole body must arrive within this, from it
 KEEP_ALIVE_S = 5  # an idle kept-alive connection is closed after this
 # After a reply that closes the connection, unread request bytes are dropped this long.
 LINGER_S = 2.0
+LINGER_MAX_BYTES = 1 << 20
 MAX_HEAD_BYTES = 16 * 1024  # request line + headers; more: 400 and the connection is closed
 # An unauthenticated request with a larger (or chunked) body is answered 401 and closed, not
 # drained: a stranger gets no more than this much of the daemon's reading.

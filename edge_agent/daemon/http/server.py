@@ -34,6 +34,18 @@ _BUSY = (
 )
 
 
+def _bad_head_response() -> bytes:
+    body = (
+        b'{"error":{"message":"malformed request head, or over %d bytes","type":'
+        b'"invalid_request_error","param":null,"code":"BAD_REQUEST","number":400,'
+        b'"data":{"limit":%d}}}' % (limits.MAX_HEAD_BYTES, limits.MAX_HEAD_BYTES)
+    )
+    return (
+        b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+        b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
 def _busy_response(limit: int) -> bytes:
     body = (
         b'{"error":{"message":"all %d HTTP connections are busy; retry later","type":'
@@ -52,6 +64,7 @@ class _Connections:
         self.evicted = 0
         self.refused = 0
         self.head_timeouts = 0
+        self.bad_heads = 0
 
     def admit(self, conn: _Protocol) -> bool:
         if len(self.open) >= self.limit:
@@ -75,13 +88,15 @@ class _Connections:
 class _LingeringTransport:
     """The connection's transport, except that ``close`` lingers (as nginx does): the reply is
     flushed and the write side shut, then whatever the client still sends (the rest of a body
-    refused with 413) is read and dropped for up to ``LINGER_S``. Closing at once with unread
-    bytes would send a TCP reset, which can destroy the 413 before the client reads it."""
+    refused with 413) is read and dropped for up to ``LINGER_S`` and ``LINGER_MAX_BYTES``.
+    Closing at once with unread bytes would send a TCP reset, which can destroy the 413 before
+    the client reads it."""
 
     def __init__(self, transport: asyncio.Transport, owner: _Protocol) -> None:
         self._transport = transport
         self._owner = owner
         self.lingering = False
+        self.dropped = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
@@ -143,7 +158,11 @@ class _Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._lingering.lingering:
-            return  # the rest of a refused request: dropped unread
+            # The rest of a refused request: dropped unread, up to a bound.
+            self._lingering.dropped += len(data)
+            if self._lingering.dropped > limits.LINGER_MAX_BYTES:
+                self._lingering.abort()
+            return
         self.table.touch(self)
         super().data_received(data)
         if self.in_request:
@@ -154,6 +173,13 @@ class _Protocol(H11Protocol):
     def on_response_complete(self) -> None:
         self._cancel_head_timer()
         super().on_response_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a head h11 cannot parse (or too large), in our JSON shape."""
+        self.table.bad_heads += 1
+        self._cancel_head_timer()
+        self.transport.write(_bad_head_response())
+        self.transport.close()
 
     def drop(self) -> None:
         self._cancel_head_timer()
@@ -208,6 +234,7 @@ class HttpServer:
             "http_connections_evicted": self.table.evicted,
             "http_connections_refused": self.table.refused,
             "http_head_timeouts": self.table.head_timeouts,
+            "http_bad_heads": self.table.bad_heads,
         }
 
     async def start(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -469,3 +470,54 @@ def test_dimensions_shorten_where_the_model_declares_them(
         assert models.model_extra["supported_dimensions"] == [32, len(full.data[0].embedding)]
     finally:
         thread.stop()
+
+
+# -- configuration and shutdown -------------------------------------------------------------------
+
+
+def test_http_setting_from_flag_environment_and_file(tmp_path: Path) -> None:
+    from edge_agent.config import ConfigError, load_config
+
+    env = {"EDGE_AGENT_HOME": str(tmp_path / "home")}
+    assert load_config({}, env).serve_options().http_listen is None  # off by default
+    from_env = load_config({}, {**env, "EDGE_AGENT_HTTP": "127.0.0.1:8080"})
+    assert from_env.serve_options().http_listen == "127.0.0.1:8080"
+    config_file = tmp_path / "config.toml"
+    config_file.write_text('http = ":9000"\n', encoding="utf-8")
+    assert load_config({}, env, config_file).serve_options().http_listen == ":9000"
+    from_flag = load_config({"http": "[::1]:8081"}, {**env, "EDGE_AGENT_HTTP": "127.0.0.1:1"})
+    assert from_flag.serve_options().http_listen == "[::1]:8081"
+    with pytest.raises(ConfigError, match="http"):
+        load_config({"http": "no-port-here"}, env)
+
+
+def test_requests_in_flight_finish_on_stop(
+    model_store: ModelStore, tmp_path: Path
+) -> None:
+    """SIGTERM's path (the stop event): HTTP requests already received get their vectors;
+    the listener then stops."""
+    thread, base = start_http_daemon(model_store, tmp_path)
+    batch = [f"{TEXTS[i % 3]} again, number {i}" for i in range(64)]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            def post(_: int) -> int:
+                with httpx.Client(base_url=base, timeout=60.0) as http:
+                    body = {"model": DEFAULT_MODEL, "input": batch, "encoding_format": "base64"}
+                    response = http.post("/v1/embeddings", json=body)
+                    assert len(response.json()["data"]) == 64
+                    return response.status_code
+
+            pending = [pool.submit(post, i) for i in range(4)]
+            # Wait until the daemon holds the requests (queued or in the engine).
+            with Client(thread.socket_path, timeout=30.0) as client:
+                for _ in range(200):
+                    if client.stats()["embed"]["requests"] >= 2:
+                        break
+                    time.sleep(0.01)
+            stopper = pool.submit(thread.stop)
+            assert [f.result(timeout=60) for f in pending] == [200] * 4
+            stopper.result(timeout=60)
+    finally:
+        thread.stop()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{base}/health", timeout=5.0)

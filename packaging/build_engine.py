@@ -8,8 +8,13 @@ Standard library only; run with the target virtualenv's interpreter:
 Both packages are source distributions that compile on install. pip caches built wheels keyed
 by the sdist only, not by the build flags, so a plain ``pip install`` can hand back a wheel that
 was built for another CPU. We build with ``--no-cache-dir`` into a wheel directory whose name is
-a hash of (package, version, flags, interpreter), then install from there: a rebuild happens
-exactly when the flags change.
+a hash of (package, version, flags, interpreter, patches), then install from there: a rebuild
+happens exactly when the flags or the patches change.
+
+llama-cpp-python is built from its sdist with the patches in packaging/patches/ applied to the
+vendored llama.cpp (``patch -p1`` in the unpacked sdist; each patch says why and links the
+upstream issue/PR it stands in for). The sdist is fetched with ``pip download``, so the same
+package index (or a local mirror) serves it.
 
 Environment:
   EDGE_AGENT_WHEEL_DIR     where built wheels are kept (default: ~/.cache/edge-agent/wheels)
@@ -27,6 +32,8 @@ import os
 import subprocess
 import sys
 import sysconfig
+import tarfile
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,6 +43,19 @@ from edge_agent.hardware import CpuInfo, llama_cmake_args, probe_cpu  # noqa: E4
 
 LLAMA = ("llama-cpp-python", "0.3.36")
 HNSWLIB = ("hnswlib", "0.8.0")
+PATCHES = REPO / "packaging" / "patches"
+
+
+def llama_patches() -> list[Path]:
+    """The patches applied to llama-cpp-python's sdist, in name order."""
+    return sorted(PATCHES.glob("*.patch"))
+
+
+def patches_key(patches: list[Path]) -> dict[str, str]:
+    """The patches as wheel-cache key material: name -> sha256 of the file."""
+    return {
+        f"patch:{p.name}": hashlib.sha256(p.read_bytes()).hexdigest() for p in patches
+    }
 
 
 def portable_cpu(cpu: CpuInfo) -> CpuInfo:
@@ -89,23 +109,105 @@ def pip(*args: str, env: dict[str, str] | None = None) -> None:
     subprocess.run(command, check=True, env={**os.environ, **(env or {})})
 
 
-def build_and_install(name: str, version: str, build_env: dict[str, str]) -> None:
-    wheel_dir = wheel_dir_for(name, version, build_env)
+def apply_patch(diff: str, root: Path) -> list[Path]:
+    """Apply a unified diff (``-p1`` paths) under ``root``; return the files changed.
+
+    Standard library only, so that building needs no ``patch`` program. Each hunk's old lines
+    (context and removals) must occur exactly once in the file, else the build stops: a
+    patch that no longer fits the vendored source is an error, never a silent partial apply.
+    """
+    changed: list[Path] = []
+    lines = diff.splitlines()
+    i = 0
+    while i < len(lines):
+        if not (lines[i].startswith("--- ") and i + 1 < len(lines)
+                and lines[i + 1].startswith("+++ ")):  # fmt: skip
+            i += 1
+            continue
+        target = root / lines[i + 1][4:].split("\t")[0].strip().split("/", 1)[1]
+        text = target.read_text(encoding="utf-8")
+        i += 2
+        while i < len(lines) and lines[i].startswith("@@"):
+            i += 1
+            old: list[str] = []
+            new: list[str] = []
+            while i < len(lines) and lines[i][:1] in (" ", "-", "+", ""):
+                if lines[i].startswith("--- ") and i + 1 < len(lines) and lines[
+                    i + 1
+                ].startswith("+++ "):
+                    break
+                kind, body = lines[i][:1], lines[i][1:]
+                if kind in (" ", ""):
+                    old.append(body)
+                    new.append(body)
+                elif kind == "-":
+                    old.append(body)
+                else:
+                    new.append(body)
+                i += 1
+            before, after = "\n".join(old) + "\n", "\n".join(new) + "\n"
+            if text.count(before) != 1:
+                raise SystemExit(f"patch does not apply to {target}: hunk not found exactly once")
+            text = text.replace(before, after)
+        target.write_text(text, encoding="utf-8")
+        changed.append(target)
+    if not changed:
+        raise SystemExit("patch holds no file changes")
+    return changed
+
+
+def build_patched_wheel(
+    name: str, version: str, patches: list[Path], wheel_dir: Path, env: dict[str, str]
+) -> None:
+    """Download the sdist, apply ``patches`` to it, build a wheel into ``wheel_dir``."""
+    with tempfile.TemporaryDirectory(prefix="edge-agent-build-") as tmp:
+        work = Path(tmp)
+        pip("download", "--no-deps", "--no-binary", ":all:", "-d", str(work), f"{name}=={version}")
+        (sdist,) = work.glob("*.tar.gz")
+        with tarfile.open(sdist) as archive:
+            archive.extractall(work / "src", filter="data")
+        (source,) = (work / "src").iterdir()
+        for patch in patches:
+            print(f"  applying {patch.name}", flush=True)
+            apply_patch(patch.read_text(encoding="utf-8"), source)
+        pip("wheel", "--no-cache-dir", "--no-deps", "-w", str(wheel_dir), str(source), env=env)
+
+
+def llama_wheel_dir(portable: bool) -> Path:
+    """Where this host's llama-cpp-python wheel (flags + patches) is cached."""
+    env = {"CMAKE_ARGS": llama_cmake_flags(portable), **patches_key(llama_patches())}
+    return wheel_dir_for(*LLAMA, env)
+
+
+def build_and_install(
+    name: str,
+    version: str,
+    build_env: dict[str, str],
+    patches: list[Path] | None = None,
+    install: bool = True,
+) -> None:
+    patches = patches or []
+    wheel_dir = wheel_dir_for(name, version, {**build_env, **patches_key(patches)})
     if not any(wheel_dir.glob("*.whl")):
         print(f"building {name} {version} (one time for these flags) into {wheel_dir}", flush=True)
         for key, value in build_env.items():
             print(f"  {key}={value}", flush=True)
-        pip(
-            "wheel",
-            "--no-cache-dir",
-            "--no-deps",
-            "-w",
-            str(wheel_dir),
-            f"{name}=={version}",
-            env=build_env,
-        )
+        if patches:
+            build_patched_wheel(name, version, patches, wheel_dir, build_env)
+        else:
+            pip(
+                "wheel",
+                "--no-cache-dir",
+                "--no-deps",
+                "-w",
+                str(wheel_dir),
+                f"{name}=={version}",
+                env=build_env,
+            )
     else:
         print(f"{name} {version}: using the wheel built for these flags in {wheel_dir}", flush=True)
+    if not install:
+        return
     # --force-reinstall: the same version built with other flags is "already satisfied" to pip,
     # which would keep the old build in the environment.
     pip(
@@ -120,9 +222,14 @@ def build_and_install(name: str, version: str, build_env: dict[str, str]) -> Non
 
 
 def main() -> int:
+    """``--build-only``: fill the wheel cache, install nothing (a long build can run while
+    others use the environment; a second run then only installs)."""
     portable = os.environ.get("EDGE_AGENT_PORTABLE") == "1"
     cmake_args = llama_cmake_flags(portable)
-    build_and_install(*LLAMA, {"CMAKE_ARGS": cmake_args})
+    if "--build-only" in sys.argv[1:]:
+        build_and_install(*LLAMA, {"CMAKE_ARGS": cmake_args}, llama_patches(), install=False)
+        return 0
+    build_and_install(*LLAMA, {"CMAKE_ARGS": cmake_args}, llama_patches())
     hnsw_env = hnswlib_env(portable)
     # hnswlib's setup.py imports numpy and pybind11 at build time.
     pip("install", "numpy>=1.24", "pybind11>=2.10")

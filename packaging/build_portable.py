@@ -108,6 +108,13 @@ def _engine_plan() -> list[tuple[str, str, dict[str, str]]]:
     ]
 
 
+def _engine_patches(package: str) -> list[Path]:
+    """The source patches build_engine.py applies to ``package`` (llama-cpp-python's)."""
+    import build_engine
+
+    return build_engine.llama_patches() if package == build_engine.LLAMA[0] else []
+
+
 def _wheel_files(directory: Path, package: str, version: str) -> list[Path]:
     stem = re.sub(r"[-_.]+", "_", package).lower()
     return [p for p in directory.glob("*.whl") if p.name.lower().startswith(f"{stem}-{version}-")]
@@ -133,6 +140,20 @@ def step_wheels(args: argparse.Namespace, run: Runner) -> None:
         if package == "hnswlib":
             # hnswlib's setup.py imports numpy and pybind11 at build time.
             run(_pip(sys.executable, "install", "numpy>=1.24", "pybind11>=2.10"))
+        patches = _engine_patches(package)
+        if patches:
+            # llama.cpp with packaging/patches/ applied, as `make deps` builds it.
+            shown = " ".join(f"{k}={v}" for k, v in build_env.items())
+            print(
+                f"+ {shown} pip wheel --no-cache-dir --no-deps -w {wheel_dir}"
+                f" {package}=={version} (sdist + {', '.join(p.name for p in patches)})",
+                flush=True,
+            )
+            if not run.dry_run:
+                import build_engine
+
+                build_engine.build_patched_wheel(package, version, patches, wheel_dir, build_env)
+            continue
         # --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and could return a native build.
         run(
             _pip(

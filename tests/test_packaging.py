@@ -343,9 +343,7 @@ def test_build_script_installs_and_verifies_a_clean_virtualenv(
     """The image's install and verify steps, for real, into a new virtualenv: engine wheels
     come from this host's build cache (compiling takes minutes; the image compiles)."""
     engine_dirs = [
-        build_engine.wheel_dir_for(
-            *build_engine.LLAMA, {"CMAKE_ARGS": build_engine.llama_cmake_flags(False)}
-        ),
+        build_engine.llama_wheel_dir(False),  # flags + packaging/patches/
         build_engine.wheel_dir_for(*build_engine.HNSWLIB, build_engine.hnswlib_env(False)),
     ]
     for directory in engine_dirs:

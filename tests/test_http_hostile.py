@@ -277,3 +277,34 @@ def test_unauthenticated_floods_are_refused_cheaply(base: str) -> None:
             assert wrong.status_code == 401
             assert wrong.json()["error"]["code"] == "AUTH_FAILED"
     _still_serving(base)
+
+
+def test_when_every_connection_is_busy_a_newcomer_gets_503(base: str) -> None:
+    """Connections in the middle of a request are never evicted: with all of them busy
+    (bodies trickling in), a newcomer is told OVERLOADED at once; once the slow bodies hit
+    their deadline, clients are served again."""
+    busy = []
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            sock = _connect(base)
+            sock.sendall(
+                f"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\n{AUTH}"
+                "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode()
+            )
+            busy.append(sock)
+        time.sleep(0.2)  # every head parsed: each connection has a request in flight
+        newcomer = _connect(base)
+        reply = _read_until_closed(newcomer, 5.0)
+        newcomer.close()
+        assert reply.startswith(b"HTTP/1.1 503 "), reply[:200]
+        assert b'"code":"OVERLOADED"' in reply and b"retry-after: 1" in reply
+    finally:
+        for sock in busy:
+            sock.close()
+    _still_serving(base)
+
+
+def test_metrics_are_off_unless_enabled(base: str) -> None:
+    response = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 404
+    assert "metrics_listen" in response.json()["error"]["message"]

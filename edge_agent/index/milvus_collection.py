@@ -268,7 +268,10 @@ def _load_pymilvus() -> Any:
     except ImportError as exc:
         raise ConfigError(
             f"Milvus collections need the pymilvus client: {INSTALL_HINT}", install=INSTALL_HINT
-        ) from exc
+        ) from exc  # an ImportError: its chain ends
+    # pymilvus logs each failed RPC with a traceback at ERROR (several per call while a
+    # server is away); the collection logs one line per outage instead (_call).
+    logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
     return pymilvus
 
 
@@ -365,8 +368,12 @@ class MilvusCollection:
             },
         )
         self = cls(path, config, manifest, target)
-        self._call(self._create_remote, attach=False)
-        self._call(lambda client: None)  # attach: checks the fingerprint of one made before
+        try:
+            self._call(self._create_remote, attach=False)
+            self._call(lambda client: None)  # attach: checks the fingerprint of one made before
+        except BaseException:
+            self.close()
+            raise
         manifest = replace(manifest, extra={**manifest.extra, "full_text": self._full_text})
         self._manifest = manifest
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -481,22 +488,37 @@ class MilvusCollection:
         except EdgeAgentError:
             raise
         except Exception as exc:
+            # "from None": pymilvus raises its errors "from" themselves, a cause chain that
+            # loops; the message keeps what it said.
             if not _is_connection_error(exc):
                 raise EdgeAgentError(
                     f"Milvus refused a call on collection {self.name!r}: {_short(exc)}",
                     collection=self.name,
-                ) from exc
+                ) from None
+            self._reset()
             wait = self._backoff
             self._backoff = min(MAX_BACKOFF, self._backoff * 2)
             self._down_until = time.monotonic() + wait
             self._error = f"Milvus at {self.target.uri} unreachable: {_short(exc)}"
             log.warning("collection %r: %s; retrying in %.1fs", self.name, self._error, wait)
-            raise self._unavailable(self._error, wait) from exc
+            raise self._unavailable(self._error, wait) from None
         if self._error is not None:
             log.info("collection %r: Milvus at %s is back", self.name, self.target.uri)
         self._error = None
         self._backoff = MIN_BACKOFF
         return result
+
+    def _reset(self) -> None:
+        """Forget the client after a connection failure: the next call connects afresh and
+        checks (and loads) the collection again, as a restarted server needs. pymilvus'
+        own recovery of a channel that failed several times could stay broken."""
+        with self._link:
+            client, self._client, self._ready = self._client, None, False
+        if client is not None:
+            try:
+                client.close()
+            except Exception as exc:
+                log.debug("closing a failed Milvus client: %s", exc)
 
     def _unavailable(self, why: str, wait: float) -> BackendUnavailable:
         return BackendUnavailable(

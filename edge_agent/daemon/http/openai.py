@@ -113,7 +113,8 @@ def embeddings_response(result: dict[str, Any], encoding: str) -> dict[str, Any]
             chunk = base64.b64encode(raw[index * row : (index + 1) * row]).decode("ascii")
             data.append({"object": "embedding", "index": index, "embedding": chunk})
     else:
-        vectors = np.frombuffer(raw, dtype="<f4").reshape(count, dims).tolist()
+        # float32 rows, serialised by the response encoder (orjson) without a Python list.
+        vectors = np.frombuffer(raw, dtype="<f4").reshape(count, dims).astype(np.float32)
         for index, vector in enumerate(vectors):
             data.append({"object": "embedding", "index": index, "embedding": vector})
     tokens = sum(int(n) for n in result["token_counts"])

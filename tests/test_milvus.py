@@ -384,3 +384,39 @@ def test_milvus_killed_mid_ingest_fails_fast_and_recovers(
     missing = [doc_id for doc_id, d in zip(acked, present, strict=True) if d is None]
     assert not missing, f"{len(missing)} acknowledged ids lost"
     assert client.count("ingest") >= len(acked)
+
+
+def test_three_daemons_share_one_milvus_collection(
+    model_store: ModelStore,
+    daemon: ServerThread,
+    server: MilvusServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Three daemons (this module's and two more, each with its own engine and index
+    directory; in-process on loopback, not in network namespaces) write into one Milvus
+    collection; a search from any of them sees every agent's documents."""
+    others = [
+        ServerThread(
+            options_for(model_store, tmp_path_factory.mktemp(f"agent{i}") / "run" / "a.sock")
+        ).start()
+        for i in (2, 3)
+    ]
+    try:
+        agents = [daemon, *others]
+        clients = [Client(str(agent.socket_path), timeout=120) for agent in agents]
+        for c in clients:  # each agent records the shared collection in its own index
+            info = c.create_collection("fleet", backend="milvus", uri=server.uri)
+            assert info["milvus_collection"] == "fleet"
+        for n, (c, (doc_id, text, meta)) in enumerate(zip(clients * 2, DOCS, strict=False)):
+            c.add("fleet", [{"id": doc_id, "text": text, "metadata": {**meta, "agent": n % 3}}])
+        for c in clients:
+            assert c.count("fleet") == len(DOCS)
+            assert c.search("fleet", "reset my password", k=1, mode="dense")[0].id == "pw"
+            hits = c.search("fleet", "anything", k=10, mode="dense")
+            assert sorted(hit.id for hit in hits) == sorted(d[0] for d in DOCS)
+            assert {hit.metadata["agent"] for hit in hits} == {0, 1, 2}
+        for c in clients:
+            c.close()
+    finally:
+        for agent in others:
+            agent.stop()

@@ -36,12 +36,24 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, int(np.ceil(fraction * len(ordered))) - 1))]
 
 
+def _held(client: Client) -> int:
+    names = [c["name"] for c in client.collections()]
+    return int(client.count("big")) if "big" in names else 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
     parser.add_argument("--quant", default="Q8_0")
     parser.add_argument("--docs", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep the daemon's index here and reuse it on the next run (skips the load when"
+        " the collection already holds --docs documents); default: a temporary folder",
+    )
     args = parser.parse_args()
     with open(RETRIEVAL, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
@@ -57,12 +69,17 @@ def main() -> None:
     print(machine_summary())
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        proc, socket_path = start_daemon(args, Path(tmp), store.root)
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        proc, socket_path = start_daemon(args, workdir, store.root)
         try:
             with Client(socket_path, timeout=600) as client:
                 dims = client.hello()["dims"]
                 started = time.perf_counter()
-                for start in range(0, args.docs, 1000):
+                held = _held(client)
+                if held not in (0, args.docs):
+                    raise SystemExit(f"{workdir} holds {held} documents, not {args.docs}")
+                for start in range(held, args.docs, 1000):
                     count = min(1000, args.docs - start)
                     vectors = rng.standard_normal((count, dims)).astype(np.float32)
                     ids = [str(start + i) for i in range(count)]

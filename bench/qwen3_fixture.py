@@ -66,7 +66,7 @@ SHAPES = {
     # Qwen3-Embedding-4B's config.json.
     "4b": Shape("4b", 36, 2560, 9728, 32, 8, 128, 151_669, 32_768, "BF16"),
     # The test shape: the same structure (GQA, q/k norms, tied embeddings), seconds to run.
-    "tiny": Shape("tiny", 2, 64, 128, 4, 2, 16, 1_024, 2_048, "F32"),
+    "tiny": Shape("tiny", 2, 64, 128, 4, 2, 32, 1_024, 2_048, "F32"),
 }
 
 

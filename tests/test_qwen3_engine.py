@@ -33,7 +33,7 @@ LOGITS_MIB = VOCAB * BATCH * 4 / 2**20  # 32 MiB: the head's output at a full ba
 @pytest.fixture(scope="module")
 def qwen3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tiny = qwen3_fixture.SHAPES["tiny"]
-    shape = qwen3_fixture.Shape("tiny-wide-vocab", 2, 64, 128, 4, 2, 16, VOCAB, 2048, "F32")
+    shape = qwen3_fixture.Shape("tiny-wide-vocab", 2, 64, 128, 4, 2, 32, VOCAB, 2048, "F32")
     assert shape.layers == tiny.layers
     hf_dir = qwen3_fixture.write_model_dir(tmp_path_factory.mktemp("hf") / "q", shape, seed=4)
     store = ModelStore(tmp_path_factory.mktemp("store"))
@@ -52,9 +52,10 @@ def _compute_buffer_mib(records: list[logging.LogRecord]) -> float:
 
 
 def _engine(path: Path) -> Engine:
-    return Engine(
-        path, EngineSettings(threads=2, batch_tokens=BATCH, max_sequences=4, flash_attention=True)
+    settings = EngineSettings(
+        threads=2, batch_tokens=BATCH, max_sequences=4, flash_attention=True, solo_tokens=64
     )
+    return Engine(path, settings)
 
 
 def test_qwen3_embeddings_run_without_output_head_or_logits(
@@ -70,6 +71,9 @@ def test_qwen3_embeddings_run_without_output_head_or_logits(
         assert np.isfinite(vector).all() and np.linalg.norm(vector) > 0
         # No logits buffer behind the embeddings (patched output_reserve).
         assert not llama_cpp.llama_get_logits(engine._ctx)
+        # Engine parameters for decoders: a q8_0 KV cache, no second (solo) context.
+        assert engine.kv_q8 and engine.solo_tokens == 0
+        assert any("K (q8_0)" in r.getMessage() for r in caplog.records)
     finally:
         engine.close()
 

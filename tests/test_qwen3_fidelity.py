@@ -95,8 +95,9 @@ def ours(
         yield request.param, embedder
 
 
-# F16 keeps the weights to 3 significant digits; Q8_0 to ~2-3 (8-bit blocks of 32).
-FLOOR = {"F16": 0.999, "Q8_0": 0.99}
+# Both run with the engine's q8_0 KV cache (head_dim 32 here, as 128 in the real model):
+# measured 0.99999 (F16) and 0.9999 (Q8_0) on this set.
+FLOOR = {"F16": 0.999, "Q8_0": 0.999}
 
 
 def test_documents_match_the_reference(ours: tuple[str, Embedder], reference: Reference) -> None:

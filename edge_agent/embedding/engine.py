@@ -61,8 +61,14 @@ class Engine:
 
         batch, threads = settings.batch_tokens, settings.threads
         self.threads = threads
+        # Decoders (Qwen3-Embedding) keep a KV cache of n_layer x batch x KV width (56 MiB for
+        # the 0.6B at 512 tokens, f16): with flash attention it is held as q8_0, half that
+        # (cosine to f16 >= 0.9999 on bench/qwen3_bench.py's texts). Encoders (BERT) have none.
+        self.kv_q8 = (
+            self.causal and settings.flash_attention is not False and self._head_dims_fit_q8()
+        )
         self._ctx: ctypes.c_void_p | None = self._context(
-            batch, settings.max_sequences, threads, settings.flash_attention
+            batch, settings.max_sequences, threads, settings.flash_attention, self.kv_q8
         )
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
@@ -70,6 +76,11 @@ class Engine:
         self.pooling = int(llama_cpp.llama_pooling_type(self._ctx))
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.solo_tokens = min(settings.solo_tokens, settings.batch_tokens)
+        if self.causal:
+            # The solo context pays off for small encoders (flash attention's overhead on one
+            # short text); a decoder's costs its own KV cache and compute buffer (42 MiB for
+            # Qwen3-0.6B) and was slower, not faster (docs/benchmarks.md, Qwen3 section).
+            self.solo_tokens = 0
         self._solo_ctx: ctypes.c_void_p | None = None
         self._solo_memory = None
         if self.solo_tokens > 0 and settings.flash_attention is not False:
@@ -112,9 +123,17 @@ class Engine:
         self._token_buffer = (llama_cpp.llama_token * 4096)()
 
     def _context(
-        self, tokens: int, sequences: int, threads: int, flash_attention: bool | None
+        self,
+        tokens: int,
+        sequences: int,
+        threads: int,
+        flash_attention: bool | None,
+        kv_q8: bool = False,
     ) -> ctypes.c_void_p:
         params = llama_cpp.llama_context_default_params()
+        if kv_q8:  # a quantized V cache needs flash attention
+            params.type_k = llama_cpp.GGML_TYPE_Q8_0
+            params.type_v = llama_cpp.GGML_TYPE_Q8_0
         params.embeddings = True
         params.n_ctx = tokens
         params.n_batch = tokens  # == n_ubatch: encoder models abort on larger batches
@@ -130,6 +149,18 @@ class Engine:
             False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
         }[flash_attention]
         return llama_cpp.llama_init_from_model(self._model, params)
+
+    def _head_dims_fit_q8(self) -> bool:
+        """q8_0 blocks are 32 values: the K and V head widths must be multiples of 32."""
+        arch = self.meta("general.architecture") or ""
+        widths = []
+        for key in ("key_length", "value_length"):
+            value = self.meta(f"{arch}.attention.{key}")
+            heads = self.meta(f"{arch}.attention.head_count")
+            if value is None and heads:
+                value = str(self.dims // max(1, int(heads)))
+            widths.append(int(value) if value and value.isdigit() else 0)
+        return all(width > 0 and width % 32 == 0 for width in widths)
 
     def _meta_causal(self) -> bool:
         arch = self.meta("general.architecture") or ""

@@ -73,6 +73,8 @@ def tree_pids(pid: int) -> list[int]:
 
 
 def status_mb(pids: list[int], field: str) -> float:
+    """A /proc/PID/status memory field summed over ``pids``, in MB (10^6 bytes, as file
+    sizes are given)."""
     total = 0
     for pid in pids:
         try:
@@ -81,11 +83,11 @@ def status_mb(pids: list[int], field: str) -> float:
                     total += int(line.split()[1])
         except FileNotFoundError:
             continue
-    return total / 1024
+    return total * 1024 / 1e6
 
 
 def serve_run(
-    args: argparse.Namespace, store: Path, quant: str, engine_path: str | None
+    args: argparse.Namespace, store: Path, quant: str, engine_path: str | None, model: str = ""
 ) -> dict[str, Any]:
     from edge_agent.client import Client
 
@@ -103,15 +105,22 @@ def serve_run(
         command = [
             sys.executable, "-m", "edge_agent.cli", "--models-dir", str(store),
             "--log-level", "warning", "serve", "--socket", str(socket_path),
-            "--index-dir", str(work / "index"), "--model", MODEL, "--quant", quant,
+            "--index-dir", str(work / "index"), "--model", model or MODEL, "--quant", quant,
             "--threads", str(args.threads), "--no-tune",
         ]  # fmt: skip
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+        errors = (work / "stderr").open("w+")
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=errors, text=True, env=env
+        )
         try:
             assert proc.stdout is not None
             line = proc.stdout.readline()
             if not line.startswith("edge-agent listening on unix:"):
-                raise SystemExit(f"the daemon did not start: {line!r}")
+                proc.wait(timeout=60)
+                errors.seek(0)
+                reason = (errors.read().strip().splitlines() or ["no output"])[-1]
+                print(f"  refused to start: {reason}", file=sys.stderr, flush=True)
+                return {"refused": reason}
             client = Client(socket_path, timeout=600)
             client.embed(docs[:4])  # warm-up: weights paged in, graphs reserved
             started = time.perf_counter()
@@ -134,6 +143,7 @@ def serve_run(
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+            errors.close()
     return {
         "texts_per_s": len(docs) / batch_seconds,
         "p50_ms": statistics.median(singles) * 1000,
@@ -213,6 +223,11 @@ def main() -> int:
     parser.add_argument("--engine-path", help="another llama_cpp package dir for a second row")
     parser.add_argument("--engine-label", default="unpatched engine")
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument(
+        "--default-model-too",
+        action="store_true",
+        help="also serve the default model (all-MiniLM-L6-v2 Q8_0), with --engine-path too",
+    )
     parser.add_argument("--transformers-child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -244,6 +259,9 @@ def main() -> int:
         print(f"serving {quant} {label}".rstrip(), file=sys.stderr, flush=True)
         result = serve_run(args, store_root, quant, engine_path)
         size = manifest.files[quant].size / 1e6
+        if "refused" in result:
+            rows.append({"name": f"edge-agent {quant}", "size": size, "refused": result["refused"]})
+            continue
         cosine = (
             float(np.min(np.sum(result["vectors"] * reference["vectors"], axis=1)))
             if reference is not None
@@ -251,6 +269,18 @@ def main() -> int:
         )
         rows.append({"name": f"edge-agent {quant}" + (f" ({label})" if label else ""),
                      "size": size, **result, "cosine": cosine})  # fmt: skip
+    if args.default_model_too:
+        from edge_agent.models import DEFAULT_MODEL, prepare_default
+
+        minilm = prepare_default(store)
+        for label, engine_path in (("", None), (args.engine_label, args.engine_path)):
+            if label and not engine_path:
+                continue
+            print(f"serving {DEFAULT_MODEL} Q8_0 {label}".rstrip(), file=sys.stderr, flush=True)
+            result = serve_run(args, store_root, "Q8_0", engine_path, model=DEFAULT_MODEL)
+            name = f"{DEFAULT_MODEL} Q8_0" + (f" ({label})" if label else "")
+            rows.append({"name": name, "size": minilm.files["Q8_0"].size / 1e6, **result,
+                         "cosine": float("nan")})  # fmt: skip
     if reference is not None:
         size = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 1e6
         rows.append({"name": "transformers fp32 (bf16 file)", "size": size, **reference,
@@ -267,13 +297,18 @@ def main() -> int:
     headers = ["", "file MB", "peak RSS MB", "RSS - file MB", "texts/s (batch)",
                "vs transformers", "single p50 ms", "min cosine vs transformers"]  # fmt: skip
     table = [
-        [r["name"], f"{r['size']:.0f}", f"{r['peak_rss_mb']:.0f}",
+        [r["name"], f"{r['size']:.0f}", "refused to start (below)", "", "", "", "", ""]
+        if "refused" in r
+        else [r["name"], f"{r['size']:.0f}", f"{r['peak_rss_mb']:.0f}",
          f"{r['peak_rss_mb'] - r['size']:.0f}", f"{r['texts_per_s']:.2f}",
          f"{r['texts_per_s'] / base['texts_per_s']:.2f}x" if base else "-",
          f"{r['p50_ms']:.0f}", f"{r['cosine']:.4f}"]
         for r in rows
     ]  # fmt: skip
     print(markdown_table(headers, table))
+    for r in rows:
+        if "refused" in r:
+            print(f"\n{r['name']}: {r['refused']}")
     return 0
 
 

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tokenizers
+import torch  # the CPU build, pinned by the Makefile's test-deps (never a bare `torch`)
+import transformers
 
 from edge_agent.embedding.embedder import Embedder, EmbedderConfig
 from edge_agent.models import ModelManifest, ModelStore
@@ -23,10 +26,6 @@ from edge_agent.models.convert_hf import convert_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import qwen3_fixture
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
 
 NAME = "tiny-qwen3-hf"
 MAX_SEQUENCE = 128  # the engine's batch (and longest sequence): one text below is longer

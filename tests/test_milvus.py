@@ -368,6 +368,14 @@ def test_milvus_killed_mid_ingest_fails_fast_and_recovers(
         assert client.search(local, "password", k=1, mode="dense")[0].id == "pw"
         health = client.health()
         assert health["status"] == "degraded" and "ingest" in health["index"]["backend_errors"]
+        # What a daemon starting now does: the collection opens from its manifest without
+        # a network call, and its calls fail typed until the server is back.
+        t0 = time.monotonic()
+        reopened = IndexStore(daemon.options.index_dir).open("ingest")
+        assert time.monotonic() - t0 < 1
+        with pytest.raises(BackendUnavailable):
+            reopened.count()
+        reopened.close()
         time.sleep(1.0)
     finally:
         server.start()

@@ -325,7 +325,9 @@ class IndexService:
                 kv(
                     event="collection_opened",
                     collection=name,
-                    count=collection.count(),
+                    # A Milvus collection opens without a network call (its server may be
+                    # away at start: calls then get BACKEND_UNAVAILABLE, and it recovers).
+                    count=None if isinstance(collection, MilvusCollection) else collection.count(),
                     ms=(time.perf_counter() - started) * 1000,
                 ),
             )

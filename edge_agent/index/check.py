@@ -127,6 +127,12 @@ def _check(path: Path, report: CheckReport, deep: bool) -> None:
         return
     report.name = manifest.name
     report.fingerprint = manifest.fingerprint.to_json()
+    if manifest.extra.get("backend") == "milvus":
+        report.warnings.append(
+            f"a Milvus collection ({manifest.extra.get('uri')}): its documents are in Milvus,"
+            " only the manifest is here (docs/scale.md)"
+        )
+        return
     referenced = {ref.gen for ref in manifest.snapshots}
     for entry in sorted(path.iterdir()):
         if entry.name.endswith(TMP_SUFFIX):

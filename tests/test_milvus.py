@@ -428,3 +428,85 @@ def test_three_daemons_share_one_milvus_collection(
     finally:
         for agent in others:
             agent.stop()
+
+
+def test_collections_arguments_are_checked_before_any_work() -> None:
+    from edge_agent.protocol import CollectionsArgs
+
+    args = CollectionsArgs.from_args(
+        {"action": "create", "name": "n", "backend": "milvus", "uri": "http://127.0.0.1:1"}
+    )
+    assert (args.backend, args.uri, args.token_file) == ("milvus", "http://127.0.0.1:1", None)
+    for bad, word in (
+        ({"action": "create", "name": "n", "backend": "qdrant"}, "backend"),
+        ({"action": "create", "name": "n", "backend": "local", "uri": "x.db"}, "milvus"),
+        ({"action": "info", "name": "n", "uri": "x.db"}, "create only"),
+        ({"action": "info", "name": "n", "after": "a"}, "ids only"),
+        ({"action": "ids", "name": "n", "limit": 0}, "limit"),
+    ):
+        with pytest.raises(InvalidArgument, match=word):
+            CollectionsArgs.from_args(bad)
+    for uri in ("", "ftp://x", "notes"):
+        with pytest.raises(InvalidArgument, match="uri"):
+            MilvusTarget(uri)
+
+
+def test_the_async_client_creates_and_pages_a_milvus_collection(
+    daemon: ServerThread, tmp_path: Path
+) -> None:
+    from edge_agent.client import AsyncClient
+
+    async def run() -> None:
+        async with AsyncClient(daemon.socket_path, timeout=60.0) as c:
+            info = await c.create_collection(
+                "async-m", backend="milvus", uri=str(tmp_path / "a.db")
+            )
+            assert info["backend"] == "milvus"
+            ids = [f"id{i:03d}" for i in range(25)]
+            vectors = np.random.default_rng(1).standard_normal((25, 384)).astype("f4")
+            await c.add_vectors("async-m", ids, vectors)
+            seen: list[str] = []
+            after = None
+            for _ in range(10):
+                page = await c.collection_ids("async-m", after=after, limit=10)
+                seen += page["ids"]
+                after = page["next"]
+                if after is None:
+                    break
+            assert seen == ids and page["total"] == 25
+            await c.drop_collection("async-m")
+
+    import asyncio
+
+    asyncio.run(run())
+
+
+def test_a_stalled_milvus_costs_one_timeout_then_fails_at_once(
+    server: MilvusServer, tmp_path: Path
+) -> None:
+    """The server is SIGSTOPped (a hung or swapped-out Milvus): the first call gives up at
+    the collection's timeout, the next ones fail at once while the back-off lasts; after
+    SIGCONT the collection serves again."""
+    import signal
+
+    store = IndexStore(tmp_path / "index")
+    coll = store.create("stall", FP, MilvusTarget(server.uri, timeout=1.0))
+    coll.add(FP, ["a"], np.ones((1, 4), np.float32))
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            coll.count()
+        assert time.monotonic() - started < 5
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable) as caught:
+            coll.count()
+        assert time.monotonic() - started < 0.1 and caught.value.data["retry_after_ms"] > 0
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not coll.probe():
+        time.sleep(0.2)
+    assert coll.count() == 1 and coll.backend_error is None
+    store.close()

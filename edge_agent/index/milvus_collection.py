@@ -1031,7 +1031,9 @@ class MilvusCollection:
         RRFRanker(60) (one round trip; the hits carry no component scores). ``weighted``: the
         two rankings are fetched and fused here by fusion.fuse, because Milvus'
         WeightedRanker scales BM25 differently (arctan) and the weight must mean the same on
-        every backend; the hits carry both component scores."""
+        every backend; the hits carry both component scores. ``keyword_ranking`` and
+        ``dense_ranking`` (a local collection's precomputed sides) are ignored: Milvus ranks
+        both sides itself."""
         self._check_model(fingerprint)
         _check_k(k)
         _check_ef(ef)

@@ -903,6 +903,8 @@ _EXAMPLES: dict[str, Any] = {
     "metrics_listen": "127.0.0.1:9464",
     "http": "127.0.0.1:8080",
     "index.exact_search_max": 10000,
+    "index.milvus_uri": "http://milvus.lan:19530",
+    "index.milvus_token_file": "/etc/edge-agent/milvus.token",
 }
 
 

@@ -297,6 +297,14 @@ def test_copy_local_to_milvus_and_back_resumable_and_export(
     code = _run_cli(["collections", "copy", local, "copied", "--state", str(state),
                      "--batch", "2", *sock])  # fmt: skip
     assert code == 0 and not state.exists()
+    listed = subprocess.run(
+        [sys.executable, "-m", "edge_agent.cli", "collections", "list", *sock],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    assert any(
+        line.startswith("copied ") and f"milvus {server.uri}" in line
+        for line in listed.splitlines()
+    ), listed
     assert client.count("copied") == len(DOCS)
     # ... and back into a new local collection, made by the copy
     code = _run_cli(["collections", "copy", "copied", "back", "--backend", "local",

@@ -181,9 +181,10 @@ def cmd_collections(args: argparse.Namespace) -> int:
                     print(f"{item['name']:<24} UNAVAILABLE  {item.get('error', '')}")
                     continue
                 fp = item["fingerprint"]
+                where = f"  milvus {item.get('uri')}" if item.get("backend") == "milvus" else ""
                 print(
                     f"{item['name']:<24} {item['count']:>9} docs  {item['dims']}d"
-                    f"  {fp['model']} ({fp['sha256'][:12]})"
+                    f"  {fp['model']} ({fp['sha256'][:12]}){where}"
                 )
             return 0
         if not args.name:

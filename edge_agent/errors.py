@@ -21,7 +21,6 @@ __all__ = [
     "EdgeAgentError",
     "EmptyText",
     "EngineError",
-    "EngineUnresponsive",
     "ErrorCode",
     "InsecureListen",
     "InsufficientMemory",
@@ -181,7 +180,7 @@ class EngineError(EdgeAgentError, RuntimeError):
 
 
 class EngineUnresponsive(EngineError):
-    """The engine child gave no answer by its call's deadline (stopped, hung, swapped out) and
+    """Internal to the daemon (not exported; on the wire it is ENGINE_ERROR): the engine child gave no answer by its call's deadline (stopped, hung, swapped out) and
     was killed. Same wire code as ``EngineError``: a client sees an engine failure either way;
     the daemon retries such a call once on the fresh child, since the stall is rarely the
     input's fault."""

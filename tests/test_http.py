@@ -24,6 +24,7 @@ from tinyqwen3 import write_tiny_qwen3_gguf
 
 from edge_agent.client import Client
 from edge_agent.errors import InsecureListen
+from edge_agent.index import IndexStore, ModelFingerprint
 from edge_agent.models import DEFAULT_MODEL, ModelStore
 
 TEXTS = [
@@ -260,7 +261,7 @@ def test_openapi_describes_every_route(http: httpx.Client) -> None:
     paths = set(document["paths"])
     assert {"/v1/embeddings", "/v1/models", "/health", "/metrics", "/v1/collections",
             "/v1/collections/{name}", "/v1/collections/{name}/documents",
-            "/v1/collections/{name}/search", "/"} <= paths
+            "/v1/collections/{name}/search", "/v1/collections/{name}/vectors", "/"} <= paths
     schema = document["components"]["schemas"]["EmbeddingsRequest"]
     assert set(schema["properties"]) == {
         "input", "model", "encoding_format", "dimensions", "user", "kind", "instruction",
@@ -342,6 +343,63 @@ def test_search_equals_the_socket(served: tuple[ServerThread, str], http: httpx.
            "INVALID_ARGUMENT")
     _error(http.post("/v1/collections/find/search", json={"collection": "other", "text": "x"}),
            400, "INVALID_ARGUMENT")
+
+
+def test_add_vectors_as_floats_and_base64_then_search_over_the_socket(
+    served: tuple[ServerThread, str], http: httpx.Client, socket_vectors: np.ndarray
+) -> None:
+    """Vectors computed elsewhere (here: by /v1/embeddings) go in through
+    ``POST .../vectors`` as the socket's add_vectors; the socket then finds them."""
+    body = {"model": DEFAULT_MODEL, "input": TEXTS[:2], "encoding_format": "base64"}
+    encoded = [d["embedding"] for d in http.post("/v1/embeddings", json=body).json()["data"]]
+    added = http.post("/v1/collections/vec/vectors", json={
+        "ids": ["pw", "wifi", "cake"],
+        "vectors": [*encoded, socket_vectors[2].tolist()],
+        "texts": TEXTS,
+        "metadata": [d["metadata"] for d in DOCS[:3]],
+    })
+    assert added.status_code == 200, added.text
+    assert added.json()["added"] == 3 and added.json()["collection"] == "vec"
+    with Client(served[0].socket_path, timeout=60.0) as client:
+        query = client.embed(["router power button"], kind="query").vectors[0]
+        assert client.search("vec", vector=query, k=1)[0].id == "wifi"
+        keyword = client.search("vec", "chocolate", k=1, mode="keyword")
+        assert keyword[0].id == "cake"
+        got = client.get("vec", ["pw"], with_vectors=True)[0]
+        assert got is not None and got["metadata"] == DOCS[0]["metadata"]
+        assert _cosines(np.asarray([got["vector"]]), socket_vectors[:1])[0] >= 0.99999
+    _error(http.post("/v1/collections/vec/vectors",
+                     json={"ids": ["pw"], "vectors": encoded[:1], "if_exists": "error"}),
+           409, "DOCUMENT_EXISTS")
+    row = socket_vectors[0].tolist()
+    nan_b64 = base64.b64encode(np.full(384, np.nan, dtype="<f4").tobytes()).decode()
+    bad = [
+        {"ids": ["a", "b"], "vectors": [row]},  # one vector for two ids
+        {"ids": ["a", "b"], "vectors": [row, row[:100]]},  # ragged
+        {"ids": ["a"], "vectors": [[0.1] * 7]},  # not the collection's size
+        {"ids": ["a"], "vectors": [[1e39, *row[1:]]]},  # beyond float32
+        {"ids": ["a"], "vectors": [nan_b64]},  # NaN as float32 bytes
+        {"ids": ["a"], "vectors": ["not base64!"]},
+        {"ids": ["a"], "vectors": ["AAAA="]},  # not whole float32 values
+        {"ids": ["a"], "vectors": [[True] * 384]},
+        {"ids": ["a"], "vectors": [[0.0] * 384]},  # cannot be normalised
+        {"ids": ["a"], "vectors": row},  # one flat vector, not a list of them
+        {"ids": ["a"], "vectors": []},
+        {"ids": ["a"]},
+        {"ids": ["a"], "vectors": [row], "texts": ["one", "two"]},
+        {"ids": ["a"], "vectors": [row], "metadata": ["not a map"]},
+        {"ids": ["a"], "vectors": [row], "dims": 384},  # the size comes from the vectors
+        {"ids": ["a"], "vectors": [row], "collection": "other"},
+        {"ids": ["a"], "vectors": [row], "if_exists": "merge"},
+        {"ids": [], "vectors": []},
+    ]
+    for request in bad:
+        _error(http.post("/v1/collections/vec/vectors", json=request), 400, "INVALID_ARGUMENT")
+    nan = http.post("/v1/collections/vec/vectors", content=b'{"ids": ["a"], "vectors": [[NaN]]}',
+                    headers={"Content-Type": "application/json"})
+    assert nan.status_code == 400  # NaN is not JSON: refused before it reaches the index
+    assert http.get("/v1/collections/vec").json()["count"] == 3  # nothing half written
+    assert http.get("/health").json()["status"] == "ok"
 
 
 @pytest.mark.parametrize(
@@ -489,6 +547,31 @@ def test_http_setting_from_flag_environment_and_file(tmp_path: Path) -> None:
     assert from_flag.serve_options().http_listen == "[::1]:8081"
     with pytest.raises(ConfigError, match="http"):
         load_config({"http": "no-port-here"}, env)
+
+
+def test_health_is_503_while_degraded(model_store: ModelStore, tmp_path: Path) -> None:
+    """A collection on disk that cannot be opened (its manifest is damaged) degrades the
+    daemon: ``GET /health`` answers 503 with the JSON body saying why, the same report the
+    socket's ``health`` gives; the daemon still embeds over HTTP."""
+    index_dir = tmp_path / "run-data" / "index"  # where options_for puts this daemon's index
+    with IndexStore(index_dir) as store:
+        store.create("broken", ModelFingerprint("m", "e" * 64, 384, "mean"))
+    (index_dir / "broken" / "manifest.json").write_text("{ not json")
+    thread, base = start_http_daemon(model_store, tmp_path)
+    try:
+        health = httpx.get(f"{base}/health", timeout=30.0)
+        assert health.status_code == 503
+        body = health.json()
+        assert body["status"] == "degraded"
+        assert "broken" in body["reason"] and "broken" in body["index"]["unavailable"]
+        assert str(index_dir) not in health.text
+        with Client(thread.socket_path, timeout=30.0) as client:
+            assert client.health()["status"] == "degraded"
+        embedded = httpx.post(f"{base}/v1/embeddings", timeout=60.0,
+                              json={"model": DEFAULT_MODEL, "input": TEXTS[0]})
+        assert embedded.status_code == 200 and len(embedded.json()["data"]) == 1
+    finally:
+        thread.stop()
 
 
 def test_requests_in_flight_finish_on_stop(

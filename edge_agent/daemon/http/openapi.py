@@ -137,6 +137,27 @@ def openapi_document(version: str, model: str) -> dict[str, Any]:
                 "long_text": {"enum": ["truncate", "error", "chunk"], "default": "truncate"},
             },
         },
+        "AddVectorsRequest": {
+            "type": "object",
+            "required": ["ids", "vectors"],
+            "properties": {
+                "ids": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                "vectors": {
+                    "type": "array",
+                    "description": "one per id, all of one size; values within float32's range",
+                    "items": {
+                        "oneOf": [
+                            {"type": "array", "items": {"type": "number"}, "minItems": 1},
+                            {"type": "string", "description": "base64 LE float32"},
+                        ]
+                    },
+                },
+                "texts": {"type": "array", "items": {"type": ["string", "null"]}},
+                "metadata": {"type": "array", "items": {"type": ["object", "null"]}},
+                "if_exists": {"enum": ["replace", "error"], "default": "replace"},
+                "create": {"type": "boolean", "default": True},
+            },
+        },
         "SearchRequest": {
             "type": "object",
             "properties": {
@@ -283,6 +304,18 @@ def openapi_document(version: str, model: str) -> dict[str, Any]:
                     {"type": "object", "required": ["ids"], "properties": {"ids": string_list}}
                 ),
                 "responses": {"200": _ok("deleted count")},
+            },
+        },
+        "/v1/collections/{name}/vectors": {
+            "parameters": [_NAME],
+            "post": {
+                "summary": "add vectors computed elsewhere with the collection's model",
+                "requestBody": _json_body(_ref("AddVectorsRequest")),
+                "responses": {
+                    "200": _ok("added"),
+                    **_ERRORS,
+                    "409": {"description": "DOCUMENT_EXISTS"},
+                },
             },
         },
         "/v1/collections/{name}/search": {

@@ -1,9 +1,9 @@
 """The ASGI application: OpenAI's embeddings, the REST API over collections, the search page.
 
 Every endpoint calls the same wire methods as the MessagePack socket through
-``Service.submit`` (embed, search, add, get, delete, collections), so arguments are checked by
-the same code, errors carry the same stable codes, and requests share the batcher, the queue
-limit (OVERLOADED -> 429) and the per-method stats. This module only moves JSON.
+``Service.submit`` (embed, search, add, add_vectors, get, delete, collections), so arguments
+are checked by the same code, errors carry the same stable codes, and requests share the
+batcher, the queue limit (OVERLOADED -> 429) and the per-method stats. This module only moves JSON.
 """
 
 from __future__ import annotations
@@ -185,6 +185,59 @@ def _vector_bytes(value: Any, name: str) -> tuple[bytes, int]:
     return np.asarray(value, dtype="<f4").tobytes(), len(value)
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _vector_rows(value: Any) -> tuple[bytes, int]:
+    """``vectors`` for add_vectors: an array with one entry per id, each either an array of
+    numbers or the base64 of little-endian float32 (what ``/v1/embeddings`` gives with
+    ``encoding_format: base64``), all of one size; as the wire's bytes and ``dims``. Values
+    beyond float32's range are refused here (they would become infinity)."""
+    if not isinstance(value, list) or not value:
+        raise InvalidArgument(
+            "vectors must be a non-empty array: one array of numbers or one base64 string"
+            " (little-endian float32) per id",
+            argument="vectors",
+        )
+    rows: list[bytes] = []
+    for i, row in enumerate(value):
+        if isinstance(row, str):
+            try:
+                data = base64.b64decode(row, validate=True)
+            except ValueError:
+                raise InvalidArgument(
+                    f"vectors[{i}] is not valid base64", argument="vectors"
+                ) from None
+            if not data or len(data) % 4:
+                raise InvalidArgument(
+                    f"vectors[{i}] decodes to {len(data)} bytes, not whole float32 values",
+                    argument="vectors",
+                )
+            rows.append(data)
+            continue
+        if (
+            not isinstance(row, list)
+            or not row
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in row)
+        ):
+            raise InvalidArgument(
+                f"vectors[{i}] must be a non-empty array of numbers or a base64 string",
+                argument="vectors",
+            )
+        wide = np.asarray(row, dtype=np.float64)
+        if not (np.abs(wide) <= _F32_MAX).all():
+            raise InvalidArgument(
+                f"vectors[{i}] holds a value beyond float32's range", argument="vectors"
+            )
+        rows.append(wide.astype("<f4").tobytes())
+    if len({len(r) for r in rows}) != 1:
+        raise InvalidArgument(
+            "vectors differ in size: give every one the same number of values",
+            argument="vectors",
+        )
+    return b"".join(rows), len(rows[0]) // 4
+
+
 def _flag(value: str | None, name: str) -> bool:
     if value is None or value in ("", "0", "false"):
         return False
@@ -296,6 +349,13 @@ def build_app(service: Service, settings: HttpSettings) -> ASGIApp:
             await call("delete", {"collection": request.path_params["name"], **body})
         )
 
+    async def vectors(request: Request) -> Response:
+        # The socket's add_vectors with the vectors as JSON: same checks, limits and errors.
+        body = _without(_object(await read_json(request, settings)), "collection", "dims")
+        args = {"collection": request.path_params["name"], **body}
+        args["vectors"], args["dims"] = _vector_rows(body.get("vectors"))
+        return json_response(await call("add_vectors", args))
+
     async def search(request: Request) -> Response:
         body = _without(_object(await read_json(request, settings)), "collection", "dims")
         args = {"collection": request.path_params["name"], **body}
@@ -320,6 +380,7 @@ def build_app(service: Service, settings: HttpSettings) -> ASGIApp:
         Route("/v1/collections/{name}/documents", documents, methods=["GET", "POST", "DELETE"]),
         Route("/v1/collections/{name}/documents/delete", delete_documents, methods=["POST"]),
         Route("/v1/collections/{name}/search", search, methods=["POST"]),
+        Route("/v1/collections/{name}/vectors", vectors, methods=["POST"]),
         *(Route(path, page, methods=["GET"]) for path in _PAGE_FILES),
     ]
 

@@ -243,6 +243,22 @@ def test_malformed_bodies(http: httpx.Client) -> None:
 # -- models, health, metrics, OpenAPI ------------------------------------------------------------
 
 
+def test_hello_over_the_socket_names_the_http_listener(
+    served: tuple[ServerThread, str], model_store: ModelStore, tmp_path: Path
+) -> None:
+    thread, base = served
+    with Client(thread.socket_path, timeout=30.0) as client:
+        advertised = client.hello()["http"]
+    assert advertised == base and httpx.get(f"{advertised}/health").status_code == 200
+    # Without the listener there is no address to give.
+    plain = ServerThread(options_for(model_store, tmp_path / "run" / "edge-agent.sock")).start()
+    try:
+        with Client(plain.socket_path, timeout=30.0) as client:
+            assert "http" not in client.hello()
+    finally:
+        plain.stop()
+
+
 def test_health_and_metrics(http: httpx.Client) -> None:
     health = http.get("/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"

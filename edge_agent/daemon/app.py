@@ -295,6 +295,8 @@ async def run_server(
             await metrics.start()
         if http is not None:
             await http.start()
+            # hello names it, so a socket client can hand the HTTP address on (docs/protocol.md).
+            service.identity["http"] = http.address
         if not stop.is_set() and ready is not None:
             ready(server.address)
             if server.tcp_address is not None:

@@ -59,6 +59,13 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+# A decoder (last-token pooling: Qwen3-Embedding, 32k training context) gets a KV cache and
+# compute buffers sized for its longest sequence (hundreds of MB at 8192 tokens), so its longest
+# sequence is at most max(batch_tokens, this), whatever max_sequence_tokens says; longer texts
+# follow long_text. Raise batch_tokens for longer decoder contexts.
+DECODER_CONTEXT = 512
+
+
 @dataclass(frozen=True)
 class EmbedderConfig:
     """Engine tuning and input limits. Every limit is enforced with a typed error."""
@@ -236,6 +243,8 @@ class Embedder(ModelHandle):
         self.path = resolved.path
         self.threads = self.config.threads or available_cpus()
         longest = min(self.manifest.max_tokens, self.config.max_sequence_tokens)
+        if self.manifest.pooling == "last":
+            longest = min(longest, max(self.config.batch_tokens, DECODER_CONTEXT))
         batch_tokens = max(self.config.batch_tokens, longest)
         # llama.cpp reserves its graph with batch_tokens / max_sequences tokens per sequence and
         # aborts (GGML_ASSERT in mul_mat) when that division is not exact: round up.

@@ -23,6 +23,12 @@ class GgufInfo:
     context_length: int
     pooling: str | None  # None when the file does not say
     quant: str  # "F32", "Q8_0", ... (from general.file_type)
+    # The shape the memory estimate needs (selection/choose.py); None when the file does not say.
+    layers: int | None = None  # {arch}.block_count
+    kv_heads: int | None = None  # {arch}.attention.head_count_kv (else head_count)
+    key_length: int | None = None  # per head (else embedding_length / head_count)
+    value_length: int | None = None
+    vocab_size: int | None = None  # entries of tokenizer.ggml.tokens
 
 
 # GGUF value types with a fixed size (little-endian struct formats); 8 is string, 9 array.
@@ -91,6 +97,14 @@ def _header_values(handle: IO[bytes], wanted: set[str]) -> dict[str, Any]:
             values[key] = string()
         elif key in wanted and vtype in _SCALARS:
             values[key] = unpack(_SCALARS[vtype])
+        elif key in wanted and vtype == 9:
+            item, count = unpack("<I"), unpack("<Q")
+            values[key] = count  # arrays: their length only
+            if item in _SCALARS:
+                handle.seek(struct.calcsize(_SCALARS[item]) * count, 1)
+            else:
+                for _ in range(count):
+                    skip(item)
         else:
             skip(vtype)
     return values
@@ -121,10 +135,24 @@ def read_gguf_info(path: Path) -> GgufInfo:
                 if not isinstance(arch, str):
                     raise ModelFileError(f"{path}: no general.architecture", path=str(path))
                 handle.seek(4)
-                keys = ("embedding_length", "context_length", "pooling_type")
+                keys = (
+                    "embedding_length",
+                    "context_length",
+                    "pooling_type",
+                    "block_count",
+                    "attention.head_count",
+                    "attention.head_count_kv",
+                    "attention.key_length",
+                    "attention.value_length",
+                )
                 values = _header_values(
                     handle,
-                    {"general.name", "general.file_type", *(f"{arch}.{k}" for k in keys)},
+                    {
+                        "general.name",
+                        "general.file_type",
+                        "tokenizer.ggml.tokens",
+                        *(f"{arch}.{k}" for k in keys),
+                    },
                 )
             except (ValueError, struct.error, OverflowError) as exc:
                 raise ModelFileError(
@@ -141,6 +169,9 @@ def read_gguf_info(path: Path) -> GgufInfo:
         raise ModelFileError(
             f"{path}: missing {arch}.embedding_length/context_length", path=str(path)
         )
+    heads = _positive(values.get(f"{arch}.attention.head_count"))
+    kv_heads = _positive(values.get(f"{arch}.attention.head_count_kv")) or heads
+    per_head = dims // heads if heads and dims % heads == 0 else None
     return GgufInfo(
         architecture=arch,
         name=name if isinstance(name, str) else None,
@@ -148,4 +179,13 @@ def read_gguf_info(path: Path) -> GgufInfo:
         context_length=context,
         pooling=POOLING_NAMES.get(pooling) if isinstance(pooling, int) else None,
         quant=quant_name(file_type if isinstance(file_type, int) else None),
+        layers=_positive(values.get(f"{arch}.block_count")),
+        kv_heads=kv_heads,
+        key_length=_positive(values.get(f"{arch}.attention.key_length")) or per_head,
+        value_length=_positive(values.get(f"{arch}.attention.value_length")) or per_head,
+        vocab_size=_positive(values.get("tokenizer.ggml.tokens")),
     )
+
+
+def _positive(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import InvalidArgument, ModelFileError, ModelNotFound
-from .gguf_meta import read_gguf_info
+from .gguf_meta import GgufInfo, read_gguf_info
 from .hashing import VerifyCache, sha256_file
 from .manifest import MANIFEST_NAME, ModelFile, ModelManifest
 
@@ -92,6 +92,18 @@ class ModelStore:
         if verify:
             self._verify_cache.verify(path, entry.sha256, entry.size)
         return ResolvedModel(manifest=manifest, quant=chosen, path=path)
+
+    def shapes(self, name: str) -> dict[str, GgufInfo]:
+        """Quant -> what each file's GGUF header says (layers, KV heads, vocabulary: the memory
+        estimate's inputs); files that are missing or unreadable are left out."""
+        manifest = self.get(name)
+        found: dict[str, GgufInfo] = {}
+        for quant, entry in manifest.files.items():
+            try:
+                found[quant] = read_gguf_info(self.model_dir(name) / entry.path)
+            except ModelFileError:
+                continue
+        return found
 
     def verify_all(self, name: str) -> dict[str, str]:
         """Re-hash every file of a model (ignoring the cache); quant -> "ok" or the error."""

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
+from ..embedding.embedder import DECODER_CONTEXT
 from ..errors import (
     InsufficientMemory,
     InvalidArgument,
@@ -25,6 +26,7 @@ from ..errors import (
     NoUsableModel,
 )
 from ..hardware.host import HostInfo
+from ..models.gguf_meta import GgufInfo
 from ..models.manifest import ModelFile, ModelManifest
 from .profiles import IndexParams, Profile, match_profile, threads_for
 
@@ -79,6 +81,16 @@ SPEED_TOLERANCE = 0.05
 # 30k: the difference is a few MiB, well inside the headroom).
 _VOCAB_GUESS = 65536
 _CONTEXT_OVERHEAD = 8 * MIB
+# What serving costs besides the file and llama.cpp's buffers (docs/benchmarks.md, measured as
+# VmHWM of the daemon + its engine child): all-MiniLM-L6-v2 Q8_0 file + 115 MB at idle (its
+# buffers ~14 MB) and Qwen3-Embedding-0.6B Q8_0 file + 218 MB serving (KV cache 31 MB, compute
+# 28 MB): 101 MB at a 30,522-token vocabulary, 158 MB at 151,669 — the Python processes and
+# shared libraries, plus llama.cpp's token and merge tables, which grow with the vocabulary.
+_PROCESS_BASE = 87_000_000
+_PER_VOCAB_ENTRY = 470
+# A decoder whose file does not say its shape (no GGUF header read): K and V as wide as the
+# model, f16, over the 4B's 36 layers (more than any smaller model has).
+_GUESS_LAYERS = 36
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -322,11 +334,18 @@ def _size(value: int | None) -> str:
 
 
 def effective_batch_tokens(
-    batch_tokens: int, max_sequences: int, model_max_tokens: int, max_context: int
+    batch_tokens: int,
+    max_sequences: int,
+    model_max_tokens: int,
+    max_context: int,
+    decoder: bool = False,
 ) -> int:
     """The batch the embedder really allocates (see Embedder.__init__): at least one whole
-    sequence of the longest allowed length, rounded up to a multiple of ``max_sequences``."""
+    sequence of the longest allowed length (a decoder's: at most max(batch, DECODER_CONTEXT)),
+    rounded up to a multiple of ``max_sequences``."""
     longest = min(model_max_tokens, max_context)
+    if decoder:
+        longest = min(longest, max(batch_tokens, DECODER_CONTEXT))
     tokens = max(batch_tokens, longest)
     return -(-tokens // max_sequences) * max_sequences
 
@@ -337,8 +356,12 @@ def estimate_memory(
     batch_tokens: int,
     max_sequences: int,
     flash_attention: bool | None,
+    *,
+    decoder: bool = False,
+    shape: GgufInfo | None = None,
 ) -> int:
-    """Bytes the model takes once loaded: the mapped file plus llama.cpp's buffers.
+    """Bytes serving the model takes: the mapped file, llama.cpp's buffers, a decoder's KV cache
+    for ``batch_tokens`` (its context: Embedder.__init__) and the processes' own overhead.
 
     Calibrated on llama.cpp's own "compute buffer size" log lines for all-MiniLM-L6-v2
     (5.9 MiB at 512 tokens with flash attention, 17.6 MiB without, 29.5 MiB at 2048) and
@@ -349,8 +372,28 @@ def estimate_memory(
     activations = batch_tokens * dims * 4 * 12
     heads = max(1, dims // 32)
     attention = 0 if flash_attention else batch_tokens * batch_tokens * heads * 4
-    outputs = max_sequences * (_VOCAB_GUESS + dims) * 4
-    return file_size + activations + attention + outputs + _CONTEXT_OVERHEAD
+    vocab = shape.vocab_size if shape is not None and shape.vocab_size else _VOCAB_GUESS
+    process = _PROCESS_BASE + vocab * _PER_VOCAB_ENTRY
+    if not decoder:
+        outputs = max_sequences * (vocab + dims) * 4
+        return file_size + activations + attention + outputs + _CONTEXT_OVERHEAD + process
+    # Our patched engine reserves no logits for pooled embeddings (packaging/patches/).
+    outputs = max_sequences * dims * 4
+    kv = batch_tokens * kv_bytes_per_token(dims, flash_attention, shape)
+    return file_size + activations + attention + outputs + kv + _CONTEXT_OVERHEAD + process
+
+
+def kv_bytes_per_token(dims: int, flash_attention: bool | None, shape: GgufInfo | None) -> int:
+    """A decoder's KV cache per token of context: layers x KV heads x (key + value width), as
+    q8_0 (34 bytes per 32 values) when the engine uses it (flash attention, head widths in 32s:
+    embedding/engine.py), else f16."""
+    if shape is None or not (shape.layers and shape.kv_heads and shape.key_length):
+        return _GUESS_LAYERS * 2 * dims * 2
+    value = shape.value_length or shape.key_length
+    width = shape.kv_heads * (shape.key_length + value)
+    if flash_attention is not False and shape.key_length % 32 == 0 and value % 32 == 0:
+        return -(-shape.layers * width * 34 // 32)
+    return shape.layers * width * 2
 
 
 def _budget(host: HostInfo, profile: Profile, available: int | None) -> MemoryBudget:
@@ -407,6 +450,7 @@ def select(
     engine_info: str | None = None,
     available_memory: int | None = None,
     prefer: tuple[str, str] | None = None,
+    shapes: Mapping[str, GgufInfo] | None = None,
 ) -> Selection:
     """Decide which of ``manifest``'s files to run on ``host``, and how.
 
@@ -417,6 +461,8 @@ def select(
     sha256). ``bad``: sha256 -> why, for files that failed their self-test on this engine
     and CPU. ``engine_info``: llama_print_system_info(), for known engine bugs.
     ``available_memory``: free bytes, instead of the probe's MemAvailable.
+    ``shapes``: quant -> the file's GGUF header (ModelStore.shapes), for the memory estimate
+    (a decoder's KV cache, the vocabulary); without it the estimate assumes a large model.
 
     Raises InsufficientMemory when nothing fits, NoUsableModel when everything else was
     rejected, ModelNotFound for an overridden quant the model does not have.
@@ -449,7 +495,17 @@ def select(
             rejected.append((quant, refusal))
             continue
         best = max(by_sha.get(file.sha256, ()), key=lambda m: m.texts_per_s, default=None)
-        decision = _decide(quant, manifest, profile, host, rule_threads, override, best, warning)
+        decision = _decide(
+            quant,
+            manifest,
+            profile,
+            host,
+            rule_threads,
+            override,
+            best,
+            warning,
+            (shapes or {}).get(quant),
+        )
         if budget.budget is not None and decision.memory_needed > budget.budget:
             too_big.append(decision)
             rejected.append(
@@ -556,6 +612,7 @@ def _decide(
     override: Override,
     best: Measurement | None,
     warning: str | None,
+    shape: GgufInfo | None = None,
 ) -> Decision:
     """The settings for one file: override, else the best measurement, else the profile."""
     notes = [warning] if warning else []
@@ -582,9 +639,21 @@ def _decide(
     batch = override.batch_tokens or batch
     sequences = override.max_sequences or sequences
     max_context = override.max_context or max_context
-    allocated = effective_batch_tokens(batch, sequences, manifest.max_tokens, max_context)
+    decoder = manifest.pooling == "last"
+    if decoder:
+        # What the embedder will use (Embedder.__init__), not the profile's or the model's.
+        max_context = min(max_context, max(batch, DECODER_CONTEXT))
+    allocated = effective_batch_tokens(batch, sequences, manifest.max_tokens, max_context, decoder)
     file = manifest.files[quant]
-    need = estimate_memory(file.size, manifest.dims, allocated, sequences, profile.flash_attention)
+    need = estimate_memory(
+        file.size,
+        manifest.dims,
+        allocated,
+        sequences,
+        profile.flash_attention,
+        decoder=decoder,
+        shape=shape,
+    )
     if best is not None and best.rss_bytes and best.rss_bytes > need:
         need = best.rss_bytes
         notes.append("memory as measured")

@@ -375,6 +375,7 @@ def plan(
         bad=ctx.bad_files.bad(ctx.engine, ctx.host.cpu_id),
         engine_info=ctx.engine,
         available_memory=available_memory,
+        shapes=store.shapes(model),
     )
 
 
@@ -438,6 +439,7 @@ def safe_start(
         bad=bad,
         engine_info=ctx.engine,
         prefer=prefer,
+        shapes=store.shapes(manifest.name),
     )
     outcomes: list[SelfTestOutcome] = []
     manifest_expected = _manifest_reference(manifest, PROBE_TEXTS)

@@ -388,6 +388,7 @@ def tune(
         override=override,
         bad=bad_files.bad(engine, host.cpu_id),
         engine_info=engine,
+        shapes=store.shapes(model),
     )
     candidates = [c for c in selection.candidates if quants is None or c.quant in quants]
     if not candidates:
@@ -417,6 +418,7 @@ def tune(
         "thread_options": _thread_options(lead, host),
         "batch_options": _batch_options(lead),
         "model_max_tokens": manifest.max_tokens,
+        "decoder": manifest.pooling == "last",
         "min_cosine": selection.profile.min_cosine,
     }
     planned = len(candidates) + len(job["thread_options"]) + len(job["batch_options"])
@@ -623,7 +625,7 @@ def _key(
     """Trials that would allocate the same batch are the same trial."""
     context = next(c["max_context"] for c in job["candidates"] if c["quant"] == quant)
     allocated = effective_batch_tokens(
-        batch_tokens, max_sequences, job["model_max_tokens"], context
+        batch_tokens, max_sequences, job["model_max_tokens"], context, bool(job.get("decoder"))
     )
     return quant, threads, allocated, max_sequences
 

@@ -180,10 +180,10 @@ class EngineError(EdgeAgentError, RuntimeError):
 
 
 class EngineUnresponsive(EngineError):
-    """Internal to the daemon (not exported; on the wire it is ENGINE_ERROR): the engine child gave no answer by its call's deadline (stopped, hung, swapped out) and
-    was killed. Same wire code as ``EngineError``: a client sees an engine failure either way;
-    the daemon retries such a call once on the fresh child, since the stall is rarely the
-    input's fault."""
+    """The engine child gave no answer by its call's deadline (stopped, hung, swapped out)
+    and was killed. Internal to the daemon, not exported: on the wire it is ENGINE_ERROR like
+    ``EngineError``. The daemon retries such a call once on the fresh child, since the stall
+    is rarely the input's fault."""
 
 
 class BackendUnavailable(EdgeAgentError, ConnectionError):

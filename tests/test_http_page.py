@@ -78,7 +78,10 @@ def page(tmp_path: Path) -> Iterator[object]:
 def _search(page: object, collection: str, query: str) -> list[dict[str, str]]:
     page.select_option("#collection", collection)  # type: ignore[attr-defined]
     page.fill("#query", query)  # type: ignore[attr-defined]
+    done = int(page.get_attribute("body", "data-searches") or 0)  # type: ignore[attr-defined]
     page.click("#go")  # type: ignore[attr-defined]
+    # Wait for this search to finish: the previous one's hits are still on the page until then.
+    page.wait_for_selector(f"body[data-searches='{done + 1}']")  # type: ignore[attr-defined]
     page.wait_for_selector("#hits li")  # type: ignore[attr-defined]
     return page.eval_on_selector_all(  # type: ignore[attr-defined]
         "#hits li",
@@ -108,8 +111,10 @@ def test_search_page_shows_hostile_text_as_text(
     assert "token" in page.text_content("#error")  # type: ignore[attr-defined]
     page.fill("#token", TOKEN)  # type: ignore[attr-defined]
     page.click("#token-form button")  # type: ignore[attr-defined]
-    page.wait_for_function(  # type: ignore[attr-defined]
-        "document.querySelectorAll('#collection option').length === 2"
+    # (wait_for_selector, not wait_for_function: the page's CSP forbids the eval the latter
+    # needs whenever its condition is not already true at the first poll)
+    page.wait_for_selector(  # type: ignore[attr-defined]
+        "#collection option:nth-of-type(2)", state="attached"
     )
     options = page.eval_on_selector_all(  # type: ignore[attr-defined]
         "#collection option", "os => os.map(o => o.value)"

@@ -105,6 +105,8 @@ async function search(event) {
     showError(String(error.message || error));
   } finally {
     $("go").disabled = false;
+    // Searches finished so far: lets a script (and the browser test) wait for this one.
+    document.body.dataset.searches = String(Number(document.body.dataset.searches || 0) + 1);
   }
 }
 

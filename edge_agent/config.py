@@ -220,7 +220,8 @@ SETTINGS: tuple[Setting, ...] = (
     _s("embedder.max_sequences", "int", 64, "sequences per batch; unset: measured/profile",
        low=1, high=256, env="EDGE_AGENT_MAX_SEQUENCES"),
     _s("embedder.max_context", "int", 8192,
-       "longest sequence fed to the model (longer texts follow long_text); unset: profile",
+       "longest sequence fed to the model (longer texts follow long_text); decoders (Qwen3):"
+       " at most max(batch_tokens, 512); unset: profile",
        low=16, high=32768, env="EDGE_AGENT_MAX_CONTEXT"),
     _s("embedder.solo_tokens", "int", 256,
        "a lone text of up to this many tokens runs in a small second context without flash"

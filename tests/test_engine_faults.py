@@ -106,7 +106,10 @@ def test_stopped_engine_mid_batch_is_replaced_and_no_request_fails(daemon: Serve
             _resume(pid)
         caller.join(60)
         assert result.vectors.shape == (1, 384)
-        assert waited < 5.0, (waited, outcome)
+        # The stalled call's deadline (1 s floor + its work here) plus a fresh child's start
+        # (model load and warm-up): ~2-3 s on an idle 2-core box, ~6 s with a busy loop beside
+        # it. The bound is what matters to the user: seconds, not the old 600 s.
+        assert waited < 12.0, (waited, outcome)
         assert "error" not in outcome, outcome
         rows = outcome["rows"]
         assert rows.shape == (600, 384)

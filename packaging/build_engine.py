@@ -11,9 +11,10 @@ was built for another CPU. We build with ``--no-cache-dir`` into a wheel directo
 a hash of (package, version, flags, interpreter, patches), then install from there: a rebuild
 happens exactly when the flags or the patches change.
 
-llama-cpp-python is built from its sdist with the patches in packaging/patches/ applied to the
-vendored llama.cpp (``patch -p1`` in the unpacked sdist; each patch says why and links the
-upstream issue/PR it stands in for). The sdist is fetched with ``pip download``, so the same
+llama-cpp-python is built from its sdist with packaging/patches/llama-*.patch applied to the
+vendored llama.cpp, hnswlib with packaging/patches/hnswlib-*.patch applied to its Python
+binding (``-p1`` paths in the unpacked sdist; each patch says why and links the upstream
+issue/PR it stands in for). The sdist is fetched with ``pip download``, so the same
 package index (or a local mirror) serves it.
 
 Environment:
@@ -48,7 +49,12 @@ PATCHES = REPO / "packaging" / "patches"
 
 def llama_patches() -> list[Path]:
     """The patches applied to llama-cpp-python's sdist, in name order."""
-    return sorted(PATCHES.glob("*.patch"))
+    return sorted(PATCHES.glob("llama-*.patch"))
+
+
+def hnswlib_patches() -> list[Path]:
+    """The patches applied to hnswlib's sdist, in name order."""
+    return sorted(PATCHES.glob("hnswlib-*.patch"))
 
 
 def patches_key(patches: list[Path]) -> dict[str, str]:
@@ -162,7 +168,9 @@ def build_patched_wheel(
     """Download the sdist, apply ``patches`` to it, build a wheel into ``wheel_dir``."""
     with tempfile.TemporaryDirectory(prefix="edge-agent-build-") as tmp:
         work = Path(tmp)
-        pip("download", "--no-deps", "--no-binary", ":all:", "-d", str(work), f"{name}=={version}")
+        # --no-binary for this package only: its build requirements (numpy for hnswlib) come
+        # as wheels, as in a plain `pip wheel`
+        pip("download", "--no-deps", "--no-binary", name, "-d", str(work), f"{name}=={version}")
         (sdist,) = work.glob("*.tar.gz")
         with tarfile.open(sdist) as archive:
             archive.extractall(work / "src", filter="data")
@@ -233,7 +241,7 @@ def main() -> int:
     hnsw_env = hnswlib_env(portable)
     # hnswlib's setup.py imports numpy and pybind11 at build time.
     pip("install", "numpy>=1.24", "pybind11>=2.10")
-    build_and_install(*HNSWLIB, hnsw_env)
+    build_and_install(*HNSWLIB, hnsw_env, hnswlib_patches())
     return 0
 
 

@@ -109,10 +109,14 @@ def _engine_plan() -> list[tuple[str, str, dict[str, str]]]:
 
 
 def _engine_patches(package: str) -> list[Path]:
-    """The source patches build_engine.py applies to ``package`` (llama-cpp-python's)."""
+    """The source patches build_engine.py applies to ``package``."""
     import build_engine
 
-    return build_engine.llama_patches() if package == build_engine.LLAMA[0] else []
+    if package == build_engine.LLAMA[0]:
+        return build_engine.llama_patches()
+    if package == build_engine.HNSWLIB[0]:
+        return build_engine.hnswlib_patches()
+    return []
 
 
 def _wheel_files(directory: Path, package: str, version: str) -> list[Path]:

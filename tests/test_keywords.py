@@ -595,10 +595,11 @@ def test_concurrent_searches_and_writes(kw: KeywordIndex) -> None:
     assert kw.applied_lsn == 59 and kw.count() == 158
 
 
-def test_rare_only_matches_the_same_documents_scored_by_rare_words(tmp_path: Path) -> None:
-    """What hybrid search asks for: the same matches as a full search, ranked by the query's
-    rare words alone (the common words' share of the score dropped)."""
-    with KeywordIndex(tmp_path / "k.sqlite", common_min_df=3, common_fraction=0.0) as kw:
+def test_rare_only_scores_the_rarest_words_within_a_document_budget(tmp_path: Path) -> None:
+    """What hybrid search asks for: candidates matched and ranked by the query's rarest words,
+    taken rarest first while the documents holding them stay within k x the per-hit budget,
+    so the cost of a query is bounded by k and not by how common its other words are."""
+    with KeywordIndex(tmp_path / "k.sqlite", candidate_docs_per_hit=1) as kw:
         kw.upsert(
             [
                 (1, "the cat sat on the mat"),
@@ -606,11 +607,21 @@ def test_rare_only_matches_the_same_documents_scored_by_rare_words(tmp_path: Pat
                 (3, "the cat and the dog"),
                 (4, "the the the the zebra"),
                 (5, "a bird on a wire"),
+                (6, "the cat naps"),
             ]
         )
         full = kw.search("the zebra cat", 10)
-        rare = kw.search("the zebra cat", 10, rare_only=True)
-        assert {label for label, _ in full} == {label for label, _ in rare} == {1, 3, 4}
-        # "the" is common (in 4 of 5 documents): without it, 4 is no longer helped by its
-        # four "the"s, and every score is lower.
-        assert all(r < f for (_, f), (_, r) in zip(sorted(full), sorted(rare), strict=True))
+        assert {label for label, _ in full} == {1, 2, 3, 4, 6}
+        # Budget 1 x 2 documents: "zebra" (1 document) fits, "cat" (3 more) does not.
+        assert [label for label, _ in kw.search("the zebra cat", 2, rare_only=True)] == [4]
+        # Budget 4: "zebra" and "cat" (4 documents in all), never "the" (5 more).
+        rare = kw.search("the zebra cat", 4, rare_only=True)
+        assert {label for label, _ in rare} == {1, 3, 4, 6}
+        # Without "the", 4 is no longer helped by its four "the"s: zebra alone ranks it.
+        assert rare[0][0] == 4
+        # The rarest word is always taken, even past the budget.
+        # (budget 2 < the 3 documents with "cat"), and only it: no document without "cat".
+        only_cat = kw.search("the cat", 2, rare_only=True)
+        assert len(only_cat) == 2 and {label for label, _ in only_cat} <= {1, 3, 6}
+        # A collection within the budget is plain BM25.
+        assert kw.search("the zebra cat", 10, rare_only=True) == full

@@ -702,22 +702,33 @@ class IndexService:
             )
         elif mode == "hybrid":
             assert args.text is not None and query is not None
-            hits = await self._read_on(
-                collection,
-                functools.partial(
-                    collection.search_hybrid,
-                    fingerprint,
-                    query,
-                    args.text,
-                    args.k,
-                    where=args.filter,
-                    ef=args.ef,
-                    with_text=args.include_text,
-                    fusion=args.fusion,
-                    weight=args.weight,
-                    keyword_ranking=None if keyword_side is None else await keyword_side,
-                )
+            hybrid = functools.partial(
+                collection.search_hybrid,
+                fingerprint,
+                query,
+                args.text,
+                args.k,
+                where=args.filter,
+                ef=args.ef,
+                with_text=args.include_text,
+                fusion=args.fusion,
+                weight=args.weight,
+                keyword_ranking=None if keyword_side is None else await keyword_side,
             )
+            # As for dense below: with the words ranked already, the fusion is about a
+            # millisecond, so it runs on the loop when it is alone and the index is free.
+            fused = (
+                hybrid(wait=False)
+                if local and keyword_side is not None and not self._searching
+                else None
+            )
+            if fused is None:
+                self._searching += 1
+                try:
+                    fused = await self._read_on(collection, hybrid)
+                finally:
+                    self._searching -= 1
+            hits = fused
         else:
             assert query is not None
             search = functools.partial(

@@ -98,6 +98,9 @@ MAX_QUERY_CHARS = 65536  # characters of a query that are read; the rest are ign
 # contain it; common words only score documents that contain a rarer query word.
 COMMON_FRACTION = 0.01
 COMMON_MIN_DF = 1000
+# A fusion's keyword candidates (search(rare_only=True)): the rarest words are scored while the
+# documents holding them add up to at most this many per candidate wanted (k).
+CANDIDATE_DOCS_PER_HIT = 20
 _MAX_LABEL = 2**63 - 1
 _IDLE_READERS = 4
 _FETCH = 256
@@ -289,6 +292,7 @@ class KeywordIndex:
         stem: bool = True,
         common_fraction: float = COMMON_FRACTION,
         common_min_df: int = COMMON_MIN_DF,
+        candidate_docs_per_hit: int = CANDIDATE_DOCS_PER_HIT,
     ) -> None:
         """Open or create the file. ``owner`` names the label space (e.g. an id the collection
         renews when it is created or reindexed): a file written for another owner, by
@@ -298,6 +302,7 @@ class KeywordIndex:
         self.stem = stem
         self.common_fraction = common_fraction
         self.common_min_df = common_min_df
+        self.candidate_docs_per_hit = candidate_docs_per_hit
         # Document frequencies of query words, to tell rare from common; slightly stale
         # counts only move that line, never a score. Reset after many changes.
         self._df_lock = threading.Lock()
@@ -616,9 +621,12 @@ class KeywordIndex:
 
         ``allowed``: only labels it accepts; ranked rows are read until k pass or none are
         left, so a selective filter still returns min(k, matching documents).
-        ``rare_only``: score with the query's rare words alone (the documents matched are the
-        same; common words no longer add to the scores). About 5x faster at 100k documents
-        (2.7 against 14 ms p50): what hybrid search uses for its keyword candidates."""
+        ``rare_only``: candidates for a fusion rather than a BM25 ranking: only the query's
+        rarest words are matched and scored, taken rarest first while the documents they are
+        in add up to at most ``candidate_docs_per_hit`` x k (always the rarest word). bm25()
+        costs about 1.3 us per matched document, so this bounds a query's cost by k, not by
+        the collection: 1.2 ms p50 against 14 ms for plain BM25 at 100k documents
+        (docs/benchmarks.md). What hybrid search uses for its keyword candidates."""
         if not isinstance(query, str):
             raise InvalidArgument(
                 f"query must be a string, got {type(query).__name__}", argument="query"
@@ -632,8 +640,12 @@ class KeywordIndex:
         sql = "SELECT rowid, bm25(kw, 1, 0) FROM kw WHERE kw MATCH ? ORDER BY bm25(kw, 1, 0)"
         hits: list[tuple[int, float]] = []
         with self._reader() as db, _typed_errors():
-            rare, common = self._split(db, terms)
-            expression = match_expression(rare, [] if rare_only else common)
+            common: list[str] = []
+            if rare_only:
+                rare, _ = self._split(db, terms, budget=self.candidate_docs_per_hit * k)
+            else:
+                rare, common = self._split(db, terms)
+            expression = match_expression(rare, common)
             if allowed is None:
                 rows = db.execute(sql + " LIMIT ?", (expression, k)).fetchall()
                 return [(label, -score) for label, score in rows if score < 0]
@@ -650,12 +662,16 @@ class KeywordIndex:
             cursor.close()
         return hits
 
-    def _split(self, db: sqlite3.Connection, terms: list[str]) -> tuple[list[str], list[str]]:
+    def _split(
+        self, db: sqlite3.Connection, terms: list[str], budget: int | None = None
+    ) -> tuple[list[str], list[str]]:
         """(rare, common) words: see "Common words" above. With T = max(common_min_df,
         common_fraction x documents): words in at most T documents are rare; with none, the
         rarest word and those within a factor 2 of it; then, while the rare words are in
         fewer than T documents in all, the next rarest word joins them if the total stays
-        within 4 T (more candidates at a bounded cost)."""
+        within 4 T (more candidates at a bounded cost). With a ``budget`` instead: the
+        rarest word, then the next rarest while the words' documents add up to at most
+        ``budget``."""
         with self._df_lock:
             stale = self._changes - self._df_since > max(1000, self._df_docs // 20)
             if self._df_docs < 0 or stale or len(self._dfs) > 100_000:
@@ -670,7 +686,7 @@ class KeywordIndex:
                 if self._df_docs < 0:
                     self._df_docs, self._df_since = docs, since
         threshold = max(self.common_min_df, self.common_fraction * docs)
-        if docs <= threshold:
+        if docs <= (threshold if budget is None else budget):
             return terms, []
         for term in terms:
             if term not in known:
@@ -681,6 +697,13 @@ class KeywordIndex:
         with self._df_lock:
             self._dfs.update(known)
         by_df = sorted(terms, key=known.__getitem__)
+        if budget is not None:
+            taken, total = 1, known[by_df[0]]
+            while taken < len(by_df) and total + known[by_df[taken]] <= budget:
+                total += known[by_df[taken]]
+                taken += 1
+            rare = set(by_df[:taken])
+            return [t for t in terms if t in rare], [t for t in terms if t not in rare]
         line = max(threshold, 2 * known[by_df[0]])
         taken = sum(1 for t in by_df if known[t] <= line)
         total = sum(known[t] for t in by_df[:taken])

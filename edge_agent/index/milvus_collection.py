@@ -1026,14 +1026,17 @@ class MilvusCollection:
         candidates: int | None = None,
         keyword_ranking: list[tuple[int, float]] | None = None,
         dense_ranking: list[tuple[int, float]] | None = None,
-    ) -> list[Hit]:
+        wait: bool = True,
+    ) -> list[Hit] | None:
         """Dense and BM25 rankings fused. ``rrf``: Milvus' own hybrid search with its
         RRFRanker(60) (one round trip; the hits carry no component scores). ``weighted``: the
         two rankings are fetched and fused here by fusion.fuse, because Milvus'
         WeightedRanker scales BM25 differently (arctan) and the weight must mean the same on
         every backend; the hits carry both component scores. ``keyword_ranking`` and
         ``dense_ranking`` (a local collection's precomputed sides) are ignored: Milvus ranks
-        both sides itself."""
+        both sides itself. ``wait=False`` returns None: every call is a network round trip."""
+        if not wait:
+            return None
         self._check_model(fingerprint)
         _check_k(k)
         _check_ef(ef)

@@ -94,13 +94,15 @@ class Searching(CollectionState):
         weight: float | None = None,
         candidates: int | None = None,
         keyword_ranking: list[tuple[int, float]] | None = None,
-    ) -> list[Hit]:
+        wait: bool = True,
+    ) -> list[Hit] | None:
         """Top-k of the dense and the keyword rankings fused (fusion.py), best first; each
         hit carries its fused score and both components (``dense_score``, ``keyword_score``).
         ``candidates``: how many of each ranking are fused (default max(50, 4k), at most
         MAX_K). ``keyword_ranking``: the keyword side computed beforehand by
         ``keyword_candidates`` (the daemon runs it while the query is being embedded);
-        documents deleted or filtered out since are dropped from it."""
+        documents deleted or filtered out since are dropped from it. ``wait=False``: as for
+        ``search`` (None rather than waiting for the index)."""
         self._check_model(fingerprint)
         _check_k(k)
         pool = self._hybrid_pool(k, fusion, weight, candidates)
@@ -109,7 +111,8 @@ class Searching(CollectionState):
         flt = compile_filter(where)
         keywords = self._keyword_index()
         custom = ef_used != self.config.ef_search
-        with self._rw.write() if custom else self._rw.read():
+
+        def fused_hits() -> list[Hit]:
             memory = self._mem()
             self._check_has_text(memory, keywords)
             selection = self._selection(memory, flt)
@@ -157,6 +160,16 @@ class Searching(CollectionState):
                 )
                 for item in fused
             ]
+
+        if not wait:
+            # Only with the keyword side given: ranking the words here could take
+            # milliseconds, too long for a caller that must not block.
+            if custom or keyword_ranking is None:
+                return None
+            with self._rw.try_read() as taken:
+                return fused_hits() if taken else None
+        with self._rw.write() if custom else self._rw.read():
+            return fused_hits()
 
     @staticmethod
     def hybrid_pool(k: int) -> int:

@@ -358,6 +358,10 @@ def test_serve_under_systemd_notifies_serves_metrics_and_stops(daemon: dict[str,
         stats = client.stats()
     memory = stats["memory"]
     assert memory["rss_bytes"] > 10 << 20 and memory["engine_rss_bytes"] > 10 << 20
+    # Neither HTTP nor mDNS is configured: their libraries are never loaded (~18 MB of the
+    # daemon's RSS). zeroconf and orjson are compiled modules, so they would show in the maps.
+    mapped = Path(f"/proc/{proc.pid}/maps").read_text(encoding="utf-8")
+    assert "zeroconf" not in mapped and "orjson" not in mapped
     assert memory["engine_pid"] != proc.pid
     assert stats["methods"]["embed"]["count"] == 1
     assert set(stats["methods"]["embed"]["latency_ms"]) == {"p50", "p95", "p99"}

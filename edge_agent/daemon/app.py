@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..addresses import is_loopback, parse_host_port
 from ..embedding.embedder import Embedder
@@ -26,7 +26,7 @@ from ..embedding.worker import ProcessEmbedder
 from ..errors import EdgeAgentError, InsecureListen, InvalidArgument
 from ..index import IndexStore
 from ..index.manifest import CollectionManifest
-from ..lan.discovery import Advertiser, AgentInfo, agent_id_for, bound_addresses
+from ..lan.identity import agent_id_for
 from ..logs import kv
 from ..models import ModelStore
 from ..options import ServeOptions
@@ -34,11 +34,16 @@ from ..paths import default_paths
 from ..protocol import Limits
 from ..selection.choose import Override
 from ..selection.selftest import safe_start
-from .http import HttpServer, HttpSettings, build_app
 from .index_service import IndexService
 from .metrics import MetricsServer, memory_section, metrics_endpoint
 from .sdnotify import Notifier
 from .server import Server, check_socket_free
+
+if TYPE_CHECKING:
+    # Imported where used: a daemon without HTTP or mDNS never loads Starlette/uvicorn
+    # (~9 MB) or zeroconf (~9 MB).
+    from ..lan.discovery import Advertiser
+    from .http import HttpServer
 from .service import Service, server_version
 
 __all__ = ["MIN_TOKEN_CHARS", "resolve_auth_token", "run_server", "serve"]
@@ -266,6 +271,8 @@ async def run_server(
     service.transport_stats = server.stats
     http: HttpServer | None = None
     if http_at is not None:
+        from .http import HttpServer, HttpSettings, build_app
+
         settings = HttpSettings(
             token=token,
             max_body_bytes=options.max_message_bytes,
@@ -327,6 +334,8 @@ async def _advertise(
 ) -> Advertiser:
     """Announce the TCP endpoint with mDNS (edge_agent.lan.discovery), following model changes.
     ``host``: the listen address as _tcp_endpoint parsed it; ``agent_id``: the one hello gives."""
+
+    from ..lan.discovery import Advertiser, AgentInfo, bound_addresses
 
     def current() -> AgentInfo:
         embedder = service.embedder

@@ -16,14 +16,11 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import os
 import re
-import secrets
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final
 
 import ifaddr
@@ -41,6 +38,7 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 from ..errors import AgentNotFound, DiscoveryError, EdgeAgentError, InvalidArgument
 from ..logs import kv
 from ..protocol import PROTOCOL_VERSION
+from .identity import _AGENT_ID, agent_id_for
 
 __all__ = [
     "SERVICE_TYPE",
@@ -69,7 +67,6 @@ DEFAULT_BROWSE_TIMEOUT: Final = 3.0
 # How long one agent's SRV/TXT/address lookup may take once its PTR record is seen. Responders
 # usually send all of them together, so this is only waited on for lossy links.
 _RESOLVE_TIMEOUT_MS: Final = 3000
-_AGENT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # A TXT entry is at most 255 bytes including "key="; the longest key is 7 bytes.
 _MAX_TXT_VALUE: Final = 240
 
@@ -225,33 +222,6 @@ def _zeroconf_interfaces(
     if versions == {4, 6}:
         return chosen, IPVersion.All
     return chosen, IPVersion.V6Only if 6 in versions else IPVersion.V4Only
-
-
-AGENT_ID_FILE: Final = "agent-id"
-
-
-def agent_id_for(directory: Path) -> str:
-    """The agent id stored in ``directory`` (created on first use): random, so it says nothing
-    about the host, and stable across restarts and address changes, so clients can find the
-    same agent again."""
-    path = Path(directory) / AGENT_ID_FILE
-    with contextlib.suppress(FileNotFoundError):
-        existing = path.read_text(encoding="ascii").strip()
-        if _AGENT_ID.match(existing):
-            return existing
-        raise DiscoveryError(f"{path} does not hold an agent id; remove it to make a new one")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    candidate = secrets.token_hex(8)
-    temporary = path.with_name(f".{AGENT_ID_FILE}.{os.getpid()}.{candidate}")
-    temporary.write_text(candidate + "\n", encoding="ascii")
-    try:
-        # link() fails if another daemon made the file first: then its id is the one.
-        os.link(temporary, path)
-    except FileExistsError:
-        return agent_id_for(directory)
-    finally:
-        temporary.unlink()
-    return candidate
 
 
 def bound_addresses(host: str) -> list[str]:

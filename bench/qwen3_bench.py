@@ -16,6 +16,10 @@ plus its engine child) serves the model on a Unix socket:
 
 ``--engine-path DIR`` adds a row served by another llama_cpp package (put first on the daemon's
 PYTHONPATH), e.g. a copy of the unpatched engine, for before/after memory numbers in one run.
+``--unchecked`` serves a quant the start-up self-test refused once more with the self-test
+skipped (the selection's decision for that quant, as ``edge-agent probe --explain`` shows it,
+served as is: same threads, batch and engine settings), so the row has numbers; its cosine
+column then says how far the refused file really is from the reference.
 ``--max-context`` is the daemon's embedder.max_context (its batch for causal models is the
 larger of batch_tokens and that); 512 = the default batch_tokens.
 
@@ -86,8 +90,45 @@ def status_mb(pids: list[int], field: str) -> float:
     return total * 1024 / 1e6
 
 
+def serve_unchecked(argv: list[str]) -> None:
+    """``edge-agent serve`` with ``argv``, the start-up self-test skipped (--unchecked rows):
+    what start-up would choose without running anything (the pinned quant with the profile's
+    threads, batch and engine settings), opened with select_model=False."""
+    from dataclasses import replace
+
+    from edge_agent._cli.common import effective_config, model_store, prepare, state_dir_of
+    from edge_agent.cli import build_parser
+    from edge_agent.daemon.app import serve
+    from edge_agent.selection.choose import Override
+    from edge_agent.selection.selftest import embedder_config, plan
+
+    args = build_parser().parse_args(argv)
+    prepare(args)
+    options = effective_config(args, with_profile=True).serve_options()
+    override = options.override or Override()
+    if options.quant and override.quant is None:  # as the daemon's _open_embedder does
+        override = replace(override, quant=options.quant)
+    decision = plan(
+        model_store(args), options.model, state_dir=state_dir_of(args), override=override
+    ).decision
+    print(f"  self-test skipped: serving {decision.to_json()}", file=sys.stderr, flush=True)
+    serve(
+        replace(
+            options,
+            select_model=False,
+            quant=decision.quant,
+            embedder=embedder_config(decision, options.embedder),
+        )
+    )
+
+
 def serve_run(
-    args: argparse.Namespace, store: Path, quant: str, engine_path: str | None, model: str = ""
+    args: argparse.Namespace,
+    store: Path,
+    quant: str,
+    engine_path: str | None,
+    model: str = "",
+    unchecked: bool = False,
 ) -> dict[str, Any]:
     from edge_agent.client import Client
 
@@ -102,8 +143,9 @@ def serve_run(
         }
         if engine_path:
             env["PYTHONPATH"] = os.pathsep.join([engine_path, env.get("PYTHONPATH", "")])
+        launcher = [__file__, "--serve-unchecked"] if unchecked else ["-m", "edge_agent.cli"]
         command = [
-            sys.executable, "-m", "edge_agent.cli", "--models-dir", str(store),
+            sys.executable, *launcher, "--models-dir", str(store),
             "--log-level", "warning", "serve", "--socket", str(socket_path),
             "--index-dir", str(work / "index"), "--model", model or MODEL, "--quant", quant,
             "--threads", str(args.threads), "--no-tune",
@@ -224,12 +266,20 @@ def main() -> int:
     parser.add_argument("--engine-label", default="unpatched engine")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument(
+        "--unchecked",
+        action="store_true",
+        help="serve a quant the self-test refused again with the self-test skipped",
+    )
+    parser.add_argument(
         "--default-model-too",
         action="store_true",
         help="also serve the default model (all-MiniLM-L6-v2 Q8_0), with --engine-path too",
     )
     parser.add_argument("--transformers-child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    if sys.argv[1:2] == ["--serve-unchecked"]:
+        serve_unchecked(sys.argv[2:])
+        return 0
     args = parser.parse_args()
     if args.transformers_child:
         transformers_child(
@@ -261,7 +311,13 @@ def main() -> int:
         size = manifest.files[quant].size / 1e6
         if "refused" in result:
             rows.append({"name": f"edge-agent {quant}", "size": size, "refused": result["refused"]})
-            continue
+            if not args.unchecked:
+                continue
+            print(f"serving {quant} (self-test skipped)", file=sys.stderr, flush=True)
+            result = serve_run(args, store_root, quant, engine_path, unchecked=True)
+            label = "self-test skipped"
+            if "refused" in result:
+                continue
         cosine = (
             float(np.min(np.sum(result["vectors"] * reference["vectors"], axis=1)))
             if reference is not None

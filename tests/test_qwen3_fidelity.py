@@ -148,3 +148,23 @@ def test_matryoshka_prefix_matches_the_reference(
     full = reference.embed(DOCUMENTS[1])[:32]
     cosine = float(np.dot(vector, full / np.linalg.norm(full)))
     assert cosine >= FLOOR[quant], (quant, cosine)
+
+
+def test_a_sequence_split_across_micro_batches_matches_the_reference(
+    converted: tuple[Path, ModelStore, ModelManifest], reference: Reference
+) -> None:
+    """Decoders run a 512-token batch in 256-token micro-batches (less compute buffer:
+    engine.DECODER_MICRO_BATCH): a text longer than one micro-batch, and short ones packed
+    behind it, still match the reference."""
+    _, store, _ = converted
+    config = EmbedderConfig(threads=2, batch_tokens=512, max_sequence_tokens=512)
+    ids = reference.ids(LONG)
+    assert len(ids) > 512
+    with Embedder(store.resolve(NAME, "F16"), config) as embedder:
+        assert embedder._engine.micro_batch == 256
+        result = embedder.embed([LONG, *DOCUMENTS], long_text="truncate")
+    assert result.truncated == [True] + [False] * len(DOCUMENTS)
+    expected = reference.embed_ids([*ids[:511], reference.eos])
+    assert float(np.dot(result.vectors[0], expected)) >= FLOOR["F16"]
+    for text, vector in zip(DOCUMENTS, result.vectors[1:], strict=True):
+        assert float(np.dot(vector, reference.embed(text))) >= FLOOR["F16"], text

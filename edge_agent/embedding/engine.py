@@ -41,6 +41,13 @@ class EngineSettings:
     solo_tokens: int = 0
 
 
+# A decoder's micro-batch: llama.cpp runs each batch in micro-batches of this many tokens, and
+# its compute buffer scales with the micro-batch. Qwen3-Embedding-0.6B at a 512-token batch:
+# 14 MB less serving RSS than 512, texts/s within the run-to-run noise (-3% in the first
+# session): docs/benchmarks.md, Qwen3 section, "Session 2026-12-04".
+DECODER_MICRO_BATCH = 256
+
+
 class Engine:
     """One model + one embedding context."""
 
@@ -61,6 +68,7 @@ class Engine:
 
         batch, threads = settings.batch_tokens, settings.threads
         self.threads = threads
+        self.micro_batch = self._micro_batch(batch)  # the main context's n_ubatch
         # Decoders (Qwen3-Embedding) keep a KV cache of n_layer x batch x KV width (56 MiB for
         # the 0.6B at 512 tokens, f16): with flash attention it is held as q8_0, half that
         # (cosine to f16 >= 0.9999 on bench/qwen3_bench.py's texts). Encoders (BERT) have none.
@@ -136,8 +144,8 @@ class Engine:
             params.type_v = llama_cpp.GGML_TYPE_Q8_0
         params.embeddings = True
         params.n_ctx = tokens
-        params.n_batch = tokens  # == n_ubatch: encoder models abort on larger batches
-        params.n_ubatch = tokens
+        params.n_batch = tokens  # == n_ubatch for encoders: they abort on larger batches
+        params.n_ubatch = self._micro_batch(tokens)
         params.n_seq_max = sequences
         params.n_threads = threads
         params.n_threads_batch = threads
@@ -149,6 +157,17 @@ class Engine:
             False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
         }[flash_attention]
         return llama_cpp.llama_init_from_model(self._model, params)
+
+    def _micro_batch(self, tokens: int) -> int:
+        """llama.cpp's n_ubatch for a context of ``tokens``: DECODER_MICRO_BATCH for a causal
+        model pooled by its last token (the KV cache carries a sequence across micro-batches
+        and the last one's last token is the pooled one), else the whole batch (an encoder
+        must see a sequence in one piece; mean pooling would average one piece)."""
+        arch = self.meta("general.architecture") or ""
+        last = self.meta(f"{arch}.pooling_type") == str(llama_cpp.LLAMA_POOLING_TYPE_LAST)
+        if self.causal and last and tokens > DECODER_MICRO_BATCH:
+            return DECODER_MICRO_BATCH
+        return tokens
 
     def _head_dims_fit_q8(self) -> bool:
         """q8_0 blocks are 32 values: the K and V head widths must be multiples of 32."""

@@ -44,7 +44,7 @@ from ..errors import (
 from ..logs import kv
 from ..models.manifest import ModelManifest
 from ..models.store import ResolvedModel
-from .children import child_environment
+from .children import child_environment, import_engine_bindings
 from .embedder import Embedder, EmbedderConfig, Embeddings, ModelHandle
 
 __all__ = ["ProcessEmbedder"]
@@ -182,6 +182,7 @@ def child_entry(fd: int, parent_fd: int | None = None) -> None:
     read end of the pipe whose EOF means the parent died."""
     if parent_fd is not None:
         _exit_with_parent(parent_fd)
+    import_engine_bindings()  # before anything imports llama_cpp: its bindings only
     _child_main(Connection(fd))
 
 

@@ -1,6 +1,7 @@
 """edge-agent's daemon against llama.cpp's own llama-server (/v1/embeddings), side by side.
 
     python bench/llama_server_bench.py [--quant Q8_0] [--threads 2] [--texts 256] [--rounds 3]
+        [--models-dir DIR --model NAME]
 
 llama-server is built once from the llama.cpp that edge-agent's pinned llama-cpp-python sdist
 vendors (the same engine version), with the same CPU flags as edge-agent's engine
@@ -16,6 +17,14 @@ float32 bytes), and ``http.client`` keep-alive connections posting the OpenAI-st
 llama-server speaks. Also reported: CPU seconds per 1,000 texts and peak RSS of each server's
 processes (edge-agent: daemon + engine child), and the cosine between the two servers'
 vectors for the same texts (same engine, same file: it should be 1.000).
+
+``--model NAME`` serves another model of the store (``--models-dir``), e.g. the Qwen3-0.6B
+shape of bench/qwen3_bench.py (``--models-dir ~/.cache/edge-agent/bench/store --model
+qwen3-0.6b-shape --texts 32 --rounds 1``: it embeds ~2 texts/s). llama-server then gets the
+pooling from the model's manifest and, for a decoder (last-token pooling), what our engine
+uses: a 512-token context shared by the slots (``-kvu``), a q8_0 KV cache, 256-token
+micro-batches (embedding/engine.py). Its llama.cpp is the vendored one without
+packaging/patches/: it still reserves the vocabulary x outputs logits buffer.
 """
 
 from __future__ import annotations
@@ -129,13 +138,16 @@ def free_port() -> int:
 
 
 def start_llama_server(
-    binary: Path, gguf: Path, threads: int, port: int, log_path: Path
+    binary: Path, gguf: Path, threads: int, port: int, log_path: Path, pooling: str = "mean"
 ) -> subprocess.Popen:
+    if pooling == "last":  # a decoder, sized as our engine sizes it (embedding/engine.py)
+        context = ["-c", "512", "-kvu", "-b", "512", "-ub", "256", "-ctk", "q8_0", "-ctv", "q8_0"]
+    else:  # an encoder: no KV cache; 16 slots of 512 tokens, one batch
+        context = ["-c", "8192", "-b", "512", "-ub", "512"]
     command = [
-        str(binary), "-m", str(gguf), "--embeddings", "--pooling", "mean",
-        "-t", str(threads), "-tb", str(threads), "-c", "8192", "-np", "16",
-        "-b", "512", "-ub", "512", "-fa", "on", "--no-webui",
-        "--host", "127.0.0.1", "--port", str(port),
+        str(binary), "-m", str(gguf), "--embeddings", "--pooling", pooling,
+        "-t", str(threads), "-tb", str(threads), "-np", "16", *context, "-fa", "on",
+        "--no-webui", "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     log = log_path.open("w")
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -266,12 +278,14 @@ def main() -> None:
     parser.add_argument("--quant", default="Q8_0")
     parser.add_argument("--texts", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", default="all-MiniLM-L6-v2", help="a model of the store")
     args = parser.parse_args()
     began = time.perf_counter()
     binary = build_llama_server()
 
     store = open_store(args.models_dir)
-    gguf = store.resolve("all-MiniLM-L6-v2", args.quant).path
+    resolved = store.resolve(args.model, args.quant)
+    gguf, pooling = resolved.path, store.get(args.model).pooling
     sentences = unique_sentences(load_sts(args.data_dir))
     order = np.random.default_rng(0).permutation(len(sentences))
     texts = [sentences[i] for i in order[: args.texts]]
@@ -280,14 +294,17 @@ def main() -> None:
 
     print(machine_summary())
     print(
-        f"model all-MiniLM-L6-v2 {args.quant} ({gguf.name}), {args.threads} threads, batch 512,"
-        f" flash attention on; {len(texts)} STS sentences per pass, best of {args.rounds}\n"
+        f"model {args.model} {args.quant} ({gguf.name}, {pooling} pooling), {args.threads}"
+        f" threads, batch 512, flash attention on; {len(texts)} STS sentences per pass,"
+        f" best of {args.rounds}\n"
     )
     with tempfile.TemporaryDirectory(prefix="llama-server-bench-") as tmp:
         workdir = Path(tmp)
         port = free_port()
-        llama = start_llama_server(binary, gguf, args.threads, port, workdir / "llama.log")
-        daemon = start_daemon(args, workdir, store.root)
+        llama = start_llama_server(
+            binary, gguf, args.threads, port, workdir / "llama.log", pooling
+        )
+        daemon = start_daemon(args, workdir, store.root, args.model)
         socket_path = workdir / "agent.sock"
         makers: dict[str, tuple[Callable[[], object], int]] = {
             "edge-agent": (lambda: EdgeAgentClient(socket_path), daemon.pid),

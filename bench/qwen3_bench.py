@@ -9,6 +9,7 @@ values), converted by ``edge-agent models convert`` into a bench store (both cac
 plus its engine child) serves the model on a Unix socket:
 
   * peak RSS: VmHWM of the daemon and its engine child, summed, after every measurement;
+  * PSS (end): their proportional set size at the end (shared library pages counted once);
   * batch: texts/s embedding the text set in calls of ``--call-size`` texts;
   * single: p50 latency of one short query per call (instruction template applied);
   * cosine: min over the texts of our vector vs transformers' (same weights) - the real-shape
@@ -86,6 +87,21 @@ def status_mb(pids: list[int], field: str) -> float:
                 if line.startswith(field + ":"):
                     total += int(line.split()[1])
         except FileNotFoundError:
+            continue
+    return total * 1024 / 1e6
+
+
+def pss_mb(pids: list[int]) -> float:
+    """Proportional set size summed over ``pids`` (shared library pages counted once across
+    the daemon and its engine child, unlike the RSS sum), in MB; 0 where smaps_rollup is
+    missing."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except (FileNotFoundError, PermissionError):
             continue
     return total * 1024 / 1e6
 
@@ -178,6 +194,7 @@ def serve_run(
             client.close()
             pids = tree_pids(proc.pid)
             rss = status_mb(pids, "VmHWM")
+            pss = pss_mb(pids)
             for pid in pids:  # where the memory is, per process (stderr, for the record)
                 fields = {f: f"{status_mb([pid], f):.0f}" for f in
                           ("VmHWM", "VmRSS", "RssAnon", "RssFile")}  # fmt: skip
@@ -190,6 +207,7 @@ def serve_run(
         "texts_per_s": len(docs) / batch_seconds,
         "p50_ms": statistics.median(singles) * 1000,
         "peak_rss_mb": rss,
+        "pss_mb": pss,
         "vectors": np.concatenate(vectors),
     }
 
@@ -350,13 +368,14 @@ def main() -> int:
         f" max_context {args.max_context}\n"
     )
     base = next((r for r in rows if r["name"].startswith("transformers")), None)
-    headers = ["", "file MB", "peak RSS MB", "RSS - file MB", "texts/s (batch)",
+    headers = ["", "file MB", "peak RSS MB", "RSS - file MB", "PSS MB (end)", "texts/s (batch)",
                "vs transformers", "single p50 ms", "min cosine vs transformers"]  # fmt: skip
     table = [
-        [r["name"], f"{r['size']:.0f}", "refused to start (below)", "", "", "", "", ""]
+        [r["name"], f"{r['size']:.0f}", "refused to start (below)", "", "", "", "", "", ""]
         if "refused" in r
         else [r["name"], f"{r['size']:.0f}", f"{r['peak_rss_mb']:.0f}",
-         f"{r['peak_rss_mb'] - r['size']:.0f}", f"{r['texts_per_s']:.2f}",
+         f"{r['peak_rss_mb'] - r['size']:.0f}",
+         f"{r['pss_mb']:.0f}" if r.get("pss_mb") else "-", f"{r['texts_per_s']:.2f}",
          f"{r['texts_per_s'] / base['texts_per_s']:.2f}x" if base else "-",
          f"{r['p50_ms']:.0f}", f"{r['cosine']:.4f}"]
         for r in rows

@@ -108,13 +108,16 @@ def through_blocking_client(socket_path: Path, texts: list[str]) -> tuple[float,
     return len(texts) / elapsed, latencies
 
 
-def start_daemon(args: argparse.Namespace, workdir: Path, models_dir: Path) -> subprocess.Popen:
+def start_daemon(
+    args: argparse.Namespace, workdir: Path, models_dir: Path, model: str | None = None
+) -> subprocess.Popen:
     socket_path = workdir / "agent.sock"
     command = [
         sys.executable, "-m", "edge_agent.cli", "--models-dir", str(models_dir),
         "--log-level", "warning",
         "serve", "--socket", str(socket_path), "--index-dir", str(workdir / "index"),
         "--quant", args.quant, "--threads", str(args.threads), "--no-tune",
+        *(["--model", model] if model else []),
     ]  # fmt: skip
     env = {**os.environ, "EDGE_AGENT_HOME": str(workdir / "home")}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)

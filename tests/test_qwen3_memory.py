@@ -98,10 +98,11 @@ def test_the_header_gives_the_shape(shape_4b: GgufInfo) -> None:
 
 
 def test_estimate_matches_the_measured_06b(shape_06b: GgufInfo) -> None:
-    """docs/benchmarks.md: the 0.6B shape at Q8_0 (638 MB file) served at 856 MB peak RSS
-    (daemon + engine child) with a 512-token batch."""
+    """docs/benchmarks.md: the 0.6B shape at Q8_0 (638 MB file) served at 829 MB peak RSS
+    (daemon + engine child) with a 512-token batch in 256-token micro-batches (856 MB
+    before them and the engine child's lighter import: the estimate stays an upper bound)."""
     need = estimate_memory(638_000_000, 1024, 512, 64, True, decoder=True, shape=shape_06b)
-    assert 856_000_000 <= need <= 856_000_000 * 1.05
+    assert 829_000_000 <= need <= 829_000_000 * 1.05
 
 
 def test_4gb_box_refuses_4b_at_f16_and_picks_a_quant_that_fits(shape_4b: GgufInfo) -> None:

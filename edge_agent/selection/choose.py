@@ -84,7 +84,9 @@ _CONTEXT_OVERHEAD = 8 * MIB
 # What serving costs besides the file and llama.cpp's buffers (docs/benchmarks.md, measured as
 # VmHWM of the daemon + its engine child): all-MiniLM-L6-v2 Q8_0 file + 115 MB at idle (its
 # buffers ~14 MB) and Qwen3-Embedding-0.6B Q8_0 file + 218 MB serving (KV cache 31 MB, compute
-# 28 MB): 101 MB at a 30,522-token vocabulary, 158 MB at 151,669 — the Python processes and
+# 28 MB; file + 191 MB since decoders run 256-token micro-batches and the engine child imports
+# llama_cpp's bindings only: the estimate is kept as the upper bound it now is):
+# 101 MB at a 30,522-token vocabulary, 158 MB at 151,669 — the Python processes and
 # shared libraries, plus llama.cpp's token and merge tables, which grow with the vocabulary.
 _PROCESS_BASE = 87_000_000
 _PER_VOCAB_ENTRY = 470

@@ -8,8 +8,10 @@
 2. Queries during bulk indexing: one client adds ``--bulk-docs`` chunks of ~700 characters
    (the Python standard library's module docstrings, cut into chunks: text a desktop indexer
    would see) in 64-document ``add`` requests while another searches by text every 50 ms;
-   search latency idle and during the bulk add, and the bulk add's throughput, with query
-   priority + slicing (the default) and without (``EDGE_AGENT_SLICE_TIME=60``,
+   search latency idle and during the bulk add, and the bulk add's throughput with and
+   without the searches, for three schedulers: the query lane (the default: queries that
+   meet document work run on a second one-thread engine), query priority + slices without a
+   lane (``EDGE_AGENT_QUERY_LANE=0``) and neither (``EDGE_AGENT_SLICE_TIME=60``,
    ``EDGE_AGENT_QUERY_STREAK=1``: whole requests, first come first served, as before).
 
     python bench/field_faults_bench.py [--quant Q8_0] [--threads 2] [--busy 2]
@@ -149,9 +151,11 @@ def search_during_bulk(
 ) -> list[list[str]]:
     rows: list[list[str]] = []
     for label, env in (
-        ("query first + slices (new)", {}),
+        ("query lane (new)", {}),
+        ("query first + slices, no lane", {"EDGE_AGENT_QUERY_LANE": "0"}),
         ("FIFO whole requests (before)",
-         {"EDGE_AGENT_SLICE_TIME": "60", "EDGE_AGENT_QUERY_STREAK": "1"}),
+         {"EDGE_AGENT_SLICE_TIME": "60", "EDGE_AGENT_QUERY_STREAK": "1",
+          "EDGE_AGENT_QUERY_LANE": "0"}),
     ):  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             proc, socket_path = start_daemon(args, Path(tmp), models_dir, env)
@@ -203,11 +207,21 @@ def bulk_round(socket_path: Path, chunks: list[str], collection: str) -> list[st
         thread.start()
         during = search_for(None, done)
         thread.join()
+        # The same documents again with nobody searching: what serving the searches cost.
+        with Client(socket_path, timeout=600) as writer:
+            started = time.perf_counter()
+            for start in range(0, len(chunks), 64):
+                part = chunks[start : start + 64]
+                writer.add(
+                    f"{collection}-alone",
+                    [(f"{collection}-{start + i}", text) for i, text in enumerate(part)],
+                )
+            alone = len(chunks) / (time.perf_counter() - started)
     return [
         f"{percentile(idle, 0.5):.1f}", f"{percentile(idle, 0.9):.1f}",
         f"{percentile(during, 0.5):.1f}", f"{percentile(during, 0.9):.1f}",
         f"{max(during):.0f}", f"{percentile(during, 0.9) / percentile(idle, 0.9):.2f}",
-        f"{bulk['docs_per_s']:.1f}",
+        f"{bulk['docs_per_s']:.1f}", str(len(during)), f"{alone:.1f}",
     ]  # fmt: skip
 
 
@@ -241,7 +255,8 @@ def main() -> None:
               f" (~{mean:.0f} chars, 64 per request), {args.quant}\n")  # fmt: skip
         print(markdown_table(
             ["scheduler", "round", "idle p50 ms", "idle p90 ms", "during p50 ms",
-             "during p90 ms", "during max ms", "p90 during / idle", "bulk docs/s"],
+             "during p90 ms", "during max ms", "p90 during / idle", "bulk docs/s",
+             "searches during bulk", "bulk docs/s, no searches"],
             rows,
         ))  # fmt: skip
 

@@ -244,6 +244,13 @@ SETTINGS: tuple[Setting, ...] = (
     _s("engine.query_streak", "int", 8,
        "query calls that may run ahead of waiting document work before one of its slices runs",
        low=1, high=1_000_000, env="EDGE_AGENT_QUERY_STREAK"),
+    _s("engine.query_lane", "bool", True,
+       "while the engine runs document work, run queries on a second one-thread engine"
+       " process (started on demand, stopped after engine.query_lane_idle)",
+       env="EDGE_AGENT_QUERY_LANE"),
+    _s("engine.query_lane_idle", "float", 30.0,
+       "seconds without document work after which the query lane's process exits",
+       low=1, high=3600, env="EDGE_AGENT_QUERY_LANE_IDLE"),
     _s("engine.call_deadline_floor", "float", 2.0,
        "seconds every engine call may take, plus call_deadline_factor x its estimated work",
        low=0.1, high=3600, env="EDGE_AGENT_CALL_DEADLINE_FLOOR"),
@@ -330,6 +337,8 @@ ENGINE_SETTINGS = {
     "engine.call_deadline_floor": "call_deadline_floor_s",
     "engine.call_deadline_factor": "call_deadline_factor",
     "engine.liveness_interval": "liveness_interval_s",
+    "engine.query_lane": "query_lane",
+    "engine.query_lane_idle": "query_lane_idle_s",
 }
 
 SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS if s.section))

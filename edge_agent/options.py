@@ -40,6 +40,11 @@ class ServiceConfig:
     # An idle engine child is asked to answer a ping this often (0: never); one that does not
     # answer within call_deadline_floor_s is killed and restarted before a request needs it.
     liveness_interval_s: float = 1.0
+    # While the engine runs document work, query-kind requests go to a second engine process
+    # with one thread (started when a query meets document work, stopped after
+    # query_lane_idle_s without any): a search never waits behind a document's engine time.
+    query_lane: bool = True
+    query_lane_idle_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_queue <= 1_000_000:
@@ -57,6 +62,7 @@ class ServiceConfig:
             ("call_deadline_floor_s", 0.1, 3600.0),
             ("call_deadline_factor", 1.0, 1000.0),
             ("liveness_interval_s", 0.0, 3600.0),
+            ("query_lane_idle_s", 1.0, 3600.0),
         ):
             value = getattr(self, name)
             if not low <= value <= high:

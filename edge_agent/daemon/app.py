@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 from ..addresses import is_loopback, parse_host_port
 from ..embedding.embedder import Embedder
 from ..embedding.worker import ProcessEmbedder
-from ..errors import EdgeAgentError, InsecureListen, InvalidArgument
+from ..errors import EdgeAgentError, EngineError, InsecureListen, InvalidArgument
+from ..hardware.memory import read_meminfo
 from ..index import IndexStore
 from ..index.manifest import CollectionManifest
 from ..lan.identity import agent_id_for
@@ -35,7 +36,7 @@ from ..protocol import Limits
 from ..selection.choose import Override
 from ..selection.selftest import safe_start
 from .index_service import IndexService
-from .metrics import MetricsServer, memory_section, metrics_endpoint
+from .metrics import MetricsServer, memory_section, metrics_endpoint, process_memory
 from .sdnotify import Notifier
 from .server import Server, check_socket_free
 
@@ -202,6 +203,27 @@ def _open_embedder(
     return Embedder(resolved, config)
 
 
+def _query_lane(embedder: Embedder | ProcessEmbedder) -> Callable[[], ProcessEmbedder] | None:
+    """How the service opens its query lane: a one-thread sibling of the engine child, if
+    the engine is a child with threads to spare and the box has the memory for a second one
+    (twice the engine child's RSS available: the file's pages are shared, its buffers not)."""
+    if not isinstance(embedder, ProcessEmbedder) or embedder.threads < 2:
+        return None
+
+    def open_lane() -> ProcessEmbedder:
+        pid = embedder.pid
+        rss = process_memory(pid)["rss"] if pid is not None else None
+        _, available = read_meminfo()
+        if rss is not None and available is not None and available < 2 * rss:
+            raise EngineError(
+                f"not enough memory for a query lane: {available >> 20} MiB available, it"
+                f" needs about {2 * rss >> 20} MiB (queries wait for the engine instead)"
+            )
+        return embedder.sibling(threads=1)
+
+    return open_lane
+
+
 async def run_server(
     options: ServeOptions,
     stop: asyncio.Event,
@@ -236,7 +258,11 @@ async def run_server(
         ),
     )
     try:
-        service = Service(embedder, replace(options.service, max_queue=options.max_queue))
+        service = Service(
+            embedder,
+            replace(options.service, max_queue=options.max_queue),
+            query_lane=_query_lane(embedder),
+        )
     except BaseException:
         embedder.close()
         raise

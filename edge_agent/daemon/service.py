@@ -31,6 +31,7 @@ from ..embedding.workload import DeadlinePolicy, WorkModel
 from ..errors import (
     DimensionsNotSupported,
     EdgeAgentError,
+    EngineError,
     EngineUnresponsive,
     InvalidArgument,
     TextTooLong,
@@ -54,6 +55,15 @@ from ..protocol import (
 __all__ = ["Reservoir", "Service", "server_version"]
 
 log = logging.getLogger("edge_agent.service")
+
+# After the query lane failed to open or broke, queries wait for the engine this long before
+# another lane is tried (a box short of memory does not retry on every query).
+_LANE_PAUSE_S = 60.0
+# Engine time of one slice of document work while queries can use a lane: large enough for
+# batches to run at full speed (a 265-token document takes ~150 ms alone, ~70 ms per text in
+# a batch of 64, here), small enough that the first query of a bulk add, which waits for the
+# lane to start, waits about this long at most.
+_LANE_SLICE_S = 1.0
 
 Handler = Callable[[Any], Any]  # -> coroutine, future or value
 
@@ -169,8 +179,14 @@ class Service:
     """Owns the Embedder (closing the service closes it) and answers every RPC method."""
 
     def __init__(
-        self, embedder: Embedder | ProcessEmbedder, config: ServiceConfig | None = None
+        self,
+        embedder: Embedder | ProcessEmbedder,
+        config: ServiceConfig | None = None,
+        query_lane: Callable[[], ProcessEmbedder] | None = None,
     ) -> None:
+        """``query_lane``: opens a second engine (one thread, same model) for queries that
+        arrive while ``embedder`` runs document work; called on a worker thread, on demand
+        (None, or ServiceConfig.query_lane off: every call goes to ``embedder``)."""
         self.embedder = embedder
         self.config = config or ServiceConfig()
         # Limits and counters a transport reports through hello / health / stats.
@@ -194,6 +210,19 @@ class Service:
         self._liveness_timer: asyncio.TimerHandle | None = None
         self._last_engine_activity = time.monotonic()
         self._last_batch_requests = 0
+        self._main_bulk = False  # the batch in the engine is document work
+        self._lane_factory = query_lane if self.config.query_lane else None
+        self._lane: ProcessEmbedder | None = None
+        self._lane_call: asyncio.Future[Any] | None = None  # the batch in the query lane
+        self._lane_opening: asyncio.Future[ProcessEmbedder] | None = None
+        self._lane_closing: set[asyncio.Future[Any]] = set()
+        self._lane_timer: asyncio.TimerHandle | None = None
+        self._lane_paused_until = 0.0  # after the lane failed to open or broke
+        self._last_bulk = 0.0  # when document work last went to the engine
+        self.lane_starts = 0
+        self.lane_calls = 0
+        self.lane_failures = 0
+        self.lane_busy_s = 0.0
         self.work = WorkModel(
             embedder.max_tokens,
             getattr(embedder, "seconds_per_token", 0.0),
@@ -297,12 +326,12 @@ class Service:
             self._liveness_timer = None
         deadline = time.monotonic() + grace
         self._kick()
-        while (self._queued() or self._engine_call is not None) and time.monotonic() < deadline:
+        while self._busy() and time.monotonic() < deadline:
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     await self._idle.wait()
-        if self._queued() or self._engine_call is not None:
+        if self._busy():
             log.warning("%s", kv(event="shutdown_timeout", queued=self._queued()))
         if self._window_timer is not None:
             self._window_timer.cancel()
@@ -316,8 +345,14 @@ class Service:
             # Still running after the grace: stop it (a child engine is killed; an in-process
             # one finishes its batch, which close() below waits for).
             self._engine_call.cancel()
+        if self._lane_call is not None:
+            self._lane_call.cancel()
+        await self._close_lane()
         # A batch may still be running on the model thread: close() waits for it.
         await asyncio.to_thread(self.embedder.close)
+
+    def _busy(self) -> bool:
+        return bool(self._queued()) or self._engine_call is not None or self._lane_call is not None
 
     # -- methods ------------------------------------------------------------------------------
 
@@ -408,6 +443,7 @@ class Service:
                 "deadline_failures": self.deadline_failures,
                 "stall_retries": self.stall_retries,
                 "liveness_failures": self.liveness_failures,
+                "query_lane": self.lane_stats(),
             },
             "transport": self.transport_stats(),
             **{name: section() for name, section in self.stats_sections.items()},
@@ -515,11 +551,16 @@ class Service:
     # small CPU, where one short text takes a few ms.
 
     def _kick(self) -> None:
-        """Start the next batch if the engine is idle and something is queued."""
-        if self._engine_call is not None or self._window_timer is not None:
+        """Start the next batch if the engine is idle and something is queued (queries that
+        meet document work in the engine go to the query lane)."""
+        if self._engine_call is not None:
+            self._kick_lane()
+            return
+        if self._window_timer is not None:
             return
         if not self._queued():
-            self._idle.set()
+            if self._lane_call is None:
+                self._idle.set()
             return
         # Wait out the rest of the first request's window for company, but only under
         # concurrency (the last batch served several requests): a lone client never pays the
@@ -539,7 +580,7 @@ class Service:
         batch = self._take_batch()
         if batch:
             self._start_batch(batch)
-        elif not self._queued():  # every queued caller had gone away
+        elif not self._queued() and self._lane_call is None:  # every caller had gone away
             self._idle.set()
 
     def _window_elapsed(self) -> None:
@@ -570,7 +611,12 @@ class Service:
         requests join when their options match, up to about ``slice_s`` of estimated work
         (always at least one text). A request marked ``alone`` runs by itself."""
         queue = self._pick_queue()
-        budget = self.work.slice_tokens(self.config.slice_s)
+        seconds = self.config.slice_s
+        if queue is self._bulk and self._lane_usable():
+            # Queries need no gaps between document slices when they have a lane of their
+            # own, and documents embed ~2x faster per text in batches of 16+ than alone.
+            seconds = max(seconds, _LANE_SLICE_S)
+        budget = self.work.slice_tokens(seconds)
         batch: list[_Slice] = []
         key = None
         tokens = texts = 0
@@ -601,45 +647,222 @@ class Service:
                 self.sliced_requests += 1  # the first of several slices
         return batch
 
-    def _start_batch(self, batch: list[_Slice]) -> None:
+    def _start_batch(self, batch: list[_Slice], lane: ProcessEmbedder | None = None) -> None:
+        """Send ``batch`` to the engine, or to the query lane ``lane``."""
         args = batch[0].job.args
         texts = [text for piece in batch for text in piece.job.args.texts[piece.start : piece.end]]
         tokens = sum(sum(piece.job.tokens[piece.start : piece.end]) for piece in batch)
-        self.engine_calls += 1
-        self._last_batch_requests = len(batch)
+        engine: Embedder | ProcessEmbedder = self.embedder if lane is None else lane
+        if lane is None:
+            self.engine_calls += 1
+            self._last_batch_requests = len(batch)
+            self._main_bulk = not batch[0].job.urgent
+            if self._main_bulk:
+                self._last_bulk = time.monotonic()
+        else:
+            self.lane_calls += 1
         options: dict[str, Any] = {
             "kind": args.kind,
             "instruction": args.instruction,
             "dimensions": args.dimensions,
             "long_text": args.long_text,
         }
-        if isinstance(self.embedder, ProcessEmbedder):
-            options["timeout"] = self.work.deadline(tokens)
+        if isinstance(engine, ProcessEmbedder):
+            # The work model's rate is the engine's; the lane has one thread of its several.
+            slower = 1 if lane is None else max(1, self.embedder.threads)
+            options["timeout"] = self.work.deadline(tokens) * slower
         started = time.perf_counter()
         try:
-            call = self.embedder.submit(texts, **options)
+            call = engine.submit(texts, **options)
         except BaseException as exc:  # refused before it reached the engine
             assert self._loop is not None
             call = self._loop.create_future()
             call.set_exception(exc)
-        self._engine_call = call
-        call.add_done_callback(functools.partial(self._batch_done, batch, texts, started))
+        if lane is None:
+            self._engine_call = call
+        else:
+            self._lane_call = call
+        call.add_done_callback(
+            functools.partial(self._batch_done, batch, texts, started, lane is not None)
+        )
 
     def _batch_done(
         self,
         batch: list[_Slice],
         texts: list[str],
         started: float,
+        in_lane: bool,
         call: asyncio.Future[Embeddings],
     ) -> None:
         elapsed = time.perf_counter() - started
-        self.engine_busy_s += elapsed
-        self._engine_call = None
-        self._last_engine_activity = time.monotonic()
         try:
-            self._deliver(batch, texts, elapsed, call)
+            if in_lane:
+                self._lane_call = None
+                self.lane_busy_s += elapsed
+                exc = None if call.cancelled() else call.exception()
+                if isinstance(exc, EngineError) and not self._closing:
+                    # The lane broke, not the request: the engine runs it instead.
+                    self._lane_broke(exc)
+                    self._requeue(batch)
+                    return
+            else:
+                self.engine_busy_s += elapsed
+                self._engine_call = None
+                self._main_bulk = False
+                self._last_engine_activity = time.monotonic()
+            self._deliver(batch, texts, elapsed, call, observe=not in_lane)
         finally:
             self._kick()
+
+    # -- the query lane -----------------------------------------------------------------------
+
+    def _kick_lane(self) -> None:
+        """While the engine runs document work, the query at the head of the queue (whole
+        requests only: a request is never split between two engines) goes to the lane."""
+        if (
+            self._lane_factory is None
+            or self._lane_call is not None
+            or not self._main_bulk
+            or self._closing
+        ):
+            return
+        self._drop_abandoned(self._urgent)
+        if not self._urgent:
+            return
+        if self._lane is None:
+            self._open_lane()
+            return
+        budget = self.work.slice_tokens(self.config.slice_s)
+        batch: list[_Slice] = []
+        tokens = texts = 0
+        for job in self._urgent:
+            size = len(job.args.texts)
+            cost = sum(job.tokens)
+            if job.sent != 0 or job.alone or cost > budget:
+                break  # large query requests are sliced by the engine itself
+            if batch and (
+                job.args.batch_key != batch[0].job.args.batch_key
+                or tokens + cost > budget
+                or texts + size > self.config.batch_max_texts
+            ):
+                break
+            batch.append(_Slice(job, 0, size))
+            tokens += cost
+            texts += size
+        if not batch:
+            return
+        for piece in batch:
+            piece.job.sent = piece.end
+            self._queued_texts -= piece.end
+            self._urgent.remove(piece.job)
+        self._start_batch(batch, lane=self._lane)
+
+    def _lane_usable(self) -> bool:
+        """A lane is running, or one would be opened for the next query."""
+        return self._lane is not None or (
+            self._lane_factory is not None and time.monotonic() >= self._lane_paused_until
+        )
+
+    def _open_lane(self) -> None:
+        if (
+            self._lane_factory is None
+            or self._lane_opening is not None
+            or time.monotonic() < self._lane_paused_until
+        ):
+            return
+        self.lane_starts += 1
+        log.info("%s", kv(event="query_lane_start", reason="a query met document work"))
+        opening = asyncio.ensure_future(asyncio.to_thread(self._lane_factory))
+        self._lane_opening = opening
+        opening.add_done_callback(self._lane_opened)
+
+    def _lane_opened(self, opening: asyncio.Future[ProcessEmbedder]) -> None:
+        self._lane_opening = None
+        if opening.cancelled():
+            return
+        exc = opening.exception()
+        if exc is not None:
+            self.lane_failures += 1
+            self._lane_paused_until = time.monotonic() + _LANE_PAUSE_S
+            log.warning("%s", kv(event="query_lane_failed", detail=str(exc)[:200]))
+            return
+        lane = opening.result()
+        if self._closing:
+            self._retire_lane(lane)
+            return
+        self._lane = lane
+        self._schedule_lane_check()
+        self._kick()
+
+    def _lane_broke(self, exc: BaseException) -> None:
+        self.lane_failures += 1
+        self._lane_paused_until = time.monotonic() + _LANE_PAUSE_S
+        log.warning("%s", kv(event="query_lane_failed", detail=str(exc)[:200]))
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            self._retire_lane(lane)
+
+    def _schedule_lane_check(self) -> None:
+        if self._loop is not None and self._lane_timer is None:
+            every = min(5.0, self.config.query_lane_idle_s / 2)
+            self._lane_timer = self._loop.call_later(every, self._lane_check)
+
+    def _lane_check(self) -> None:
+        """The lane's process exits once no document work has run for query_lane_idle_s."""
+        self._lane_timer = None
+        if self._lane is None:
+            return
+        quiet = time.monotonic() - self._last_bulk
+        if (
+            self._lane_call is None
+            and not self._main_bulk
+            and not self._bulk
+            and quiet >= self.config.query_lane_idle_s
+        ):
+            lane, self._lane = self._lane, None
+            log.info("%s", kv(event="query_lane_stop", idle_s=round(quiet, 1)))
+            self._retire_lane(lane)
+            return
+        self._schedule_lane_check()
+
+    def _retire_lane(self, lane: ProcessEmbedder) -> None:
+        closing = asyncio.ensure_future(asyncio.to_thread(lane.close))
+        self._lane_closing.add(closing)
+        closing.add_done_callback(self._lane_closing.discard)
+
+    async def _close_lane(self) -> None:
+        if self._lane_timer is not None:
+            self._lane_timer.cancel()
+            self._lane_timer = None
+        if self._lane_opening is not None:
+            with contextlib.suppress(BaseException):
+                await self._lane_opening  # _lane_opened retires it: we are closing
+        if self._lane is not None:
+            lane, self._lane = self._lane, None
+            self._retire_lane(lane)
+        if self._lane_closing:
+            await asyncio.gather(*self._lane_closing, return_exceptions=True)
+
+    def lane_stats(self) -> dict[str, Any]:
+        return {
+            "enabled": self._lane_factory is not None,
+            "running": self._lane is not None,
+            "pid": self._lane.pid if self._lane is not None else None,
+            "starts": self.lane_starts,
+            "calls": self.lane_calls,
+            "failures": self.lane_failures,
+            "busy_s": round(self.lane_busy_s, 3),
+        }
+
+    def _requeue(self, batch: list[_Slice]) -> None:
+        """Put the requests of a batch the lane could not run back at the queue's front."""
+        for piece in reversed(batch):
+            job = piece.job
+            self._queued_texts += job.sent - piece.start
+            job.sent = piece.start
+            queue = self._urgent if job.urgent else self._bulk
+            if job not in queue:
+                queue.appendleft(job)
 
     def _retry_after_stall(self, batch: list[_Slice], exc: EngineUnresponsive) -> None:
         """The engine gave no answer by the deadline and was killed. A stall is rarely the
@@ -676,6 +899,7 @@ class Service:
         texts: list[str],
         elapsed: float,
         call: asyncio.Future[Embeddings],
+        observe: bool = True,
     ) -> None:
         if call.cancelled():
             self._fail(batch, ShuttingDown("the daemon is shutting down"))
@@ -706,7 +930,10 @@ class Service:
         embeddings = call.result()
         self.embedded_texts += len(texts)
         self.batch_texts.add(len(texts))
-        self.work.observe(texts, embeddings.token_counts, batch[0].job.args.long_text, elapsed)
+        if observe:  # the engine's rate, not the one-thread lane's
+            self.work.observe(
+                texts, embeddings.token_counts, batch[0].job.args.long_text, elapsed
+            )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "%s",

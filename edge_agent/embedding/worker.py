@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -264,6 +264,16 @@ class ProcessEmbedder(ModelHandle):
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
+
+    def sibling(self, threads: int) -> ProcessEmbedder:
+        """Another child serving the same file with ``threads`` threads (blocks while it
+        starts; the daemon's query lane)."""
+        return ProcessEmbedder(
+            self._resolved,
+            replace(self.config, threads=threads),
+            start_timeout=self._start_timeout,
+            call_timeout=self._call_timeout,
+        )
 
     def _start(self) -> _Ready:
         ours, theirs = socket.socketpair()

@@ -93,7 +93,8 @@ def _load_embedder(spec: dict[str, Any]) -> tuple[Callable[[list[str]], Any], di
     info = {
         "load_s": time.perf_counter() - started,
         "import_rss": imports,
-        "batch_tokens": embedder._engine.settings.batch_tokens,  # after the max_tokens floor
+        # after the max_tokens floor
+        "batch_tokens": embedder._inference.engine.settings.batch_tokens,
     }
     return embedder.embed, info
 

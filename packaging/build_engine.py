@@ -187,6 +187,11 @@ def llama_wheel_dir(portable: bool) -> Path:
     return wheel_dir_for(*LLAMA, env)
 
 
+def hnswlib_wheel_dir(portable: bool) -> Path:
+    """Where this host's hnswlib wheel (CPU identity + patches) is cached."""
+    return wheel_dir_for(*HNSWLIB, {**hnswlib_env(portable), **patches_key(hnswlib_patches())})
+
+
 def build_and_install(
     name: str,
     version: str,

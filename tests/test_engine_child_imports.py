@@ -1,6 +1,8 @@
 """The daemon's engine child imports llama_cpp's ctypes bindings only, not the package's
 high-level ``Llama`` class with jinja2, diskcache (sqlite3) and the chat formats: ~5 MB of
-every engine child's RSS (docs/benchmarks.md, Qwen3 section, "Session 2026-12-04")."""
+every engine child's RSS (docs/benchmarks.md, Qwen3 section, "Session 2026-12-04"). Nor numpy,
+asyncio/ssl, multiprocessing's hashlib (libcrypto) or gguf: ~20 MB more (docs/benchmarks.md,
+"Serving RSS against llama-server")."""
 
 from __future__ import annotations
 
@@ -55,3 +57,17 @@ def test_the_serving_child_maps_no_sqlite(model_store: ModelStore) -> None:
         maps = Path(f"/proc/{embedder.pid}/maps").read_text()
     assert "libllama" in maps  # the engine is loaded, and llama_cpp's Llama class is not:
     assert "_sqlite3" not in maps  # diskcache (its prompt cache) would have loaded sqlite3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps")
+def test_the_serving_child_maps_no_numpy_ssl_or_libcrypto(model_store: ModelStore) -> None:
+    """The child sends raw rows; the daemon normalises them. Its vectors are still unit
+    vectors, shortened and chunk-pooled as asked."""
+    config = EmbedderConfig(threads=1, batch_tokens=128, max_sequences=4)
+    with ProcessEmbedder.open(model_store, DEFAULT_MODEL, "Q8_0", config) as embedder:
+        result = embedder.embed(["a text", "word " * 400], long_text="chunk")
+        maps = Path(f"/proc/{embedder.pid}/maps").read_text()
+    assert result.vectors.shape == (2, 384) and result.chunks[0] == 1 and result.chunks[1] > 1
+    assert abs(float((result.vectors**2).sum(axis=1).max()) - 1.0) < 1e-5
+    for library in ("numpy", "_ssl", "libcrypto", "_hashlib", "_multiprocessing"):
+        assert library not in maps, library

@@ -91,7 +91,7 @@ def _long_text(engine: Engine, min_tokens: int) -> tuple[str, list[int]]:
 
 
 def _reference(engine: Engine, tokens: list[int]) -> np.ndarray:
-    return _unit(engine.embed_batch([tokens])[0])
+    return _unit(np.frombuffer(engine.embed_batch([tokens]), dtype=np.float32))
 
 
 # -- import ------------------------------------------------------------------------------------

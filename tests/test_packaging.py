@@ -344,7 +344,7 @@ def test_build_script_installs_and_verifies_a_clean_virtualenv(
     come from this host's build cache (compiling takes minutes; the image compiles)."""
     engine_dirs = [
         build_engine.llama_wheel_dir(False),  # flags + packaging/patches/
-        build_engine.wheel_dir_for(*build_engine.HNSWLIB, build_engine.hnswlib_env(False)),
+        build_engine.hnswlib_wheel_dir(False),  # flags + packaging/patches/hnswlib-*
     ]
     for directory in engine_dirs:
         assert any(directory.glob("*.whl")), (

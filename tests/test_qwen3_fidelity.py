@@ -161,7 +161,7 @@ def test_a_sequence_split_across_micro_batches_matches_the_reference(
     ids = reference.ids(LONG)
     assert len(ids) > 512
     with Embedder(store.resolve(NAME, "F16"), config) as embedder:
-        assert embedder._engine.micro_batch == 256
+        assert embedder._inference.engine.micro_batch == 256
         result = embedder.embed([LONG, *DOCUMENTS], long_text="truncate")
     assert result.truncated == [True] + [False] * len(DOCUMENTS)
     expected = reference.embed_ids([*ids[:511], reference.eos])

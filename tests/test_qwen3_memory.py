@@ -152,7 +152,7 @@ def test_decoder_context_is_bounded_by_the_batch_not_the_32k_training_context(
     # The tiny fixture's own context is 2048: a decoder gets 512 (DECODER_CONTEXT) at most.
     with Embedder(store.resolve("tiny", "F16"), config) as embedder:
         assert embedder.max_tokens == 512
-        assert embedder._engine.settings.batch_tokens == 512
+        assert embedder._inference.engine.settings.batch_tokens == 512
         long = "word " * 3000
         result = embedder.embed([long, "short"], long_text="chunk")
         assert len(result.vectors) == 2 and result.chunks[0] > 1 and result.chunks[1] == 1

@@ -30,7 +30,7 @@ from daemon import CONFIG, MAX_MESSAGE, ServerThread, options_for
 from edge_agent import protocol
 from edge_agent.client import AsyncClient, Client
 from edge_agent.daemon.app import run_server
-from edge_agent.embedding import embedder as embedder_module
+from edge_agent.embedding import inference as inference_module
 from edge_agent.embedding.embedder import Embedder
 from edge_agent.errors import (
     DimensionsNotSupported,
@@ -749,9 +749,9 @@ def test_client_import_loads_no_engine() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_protocol_constants_match_embedder() -> None:
-    assert protocol.KINDS == embedder_module.KINDS
-    assert protocol.LONG_TEXT_MODES == embedder_module.LONG_TEXT_MODES
+def test_protocol_constants_match_the_engine_side() -> None:
+    assert protocol.KINDS == inference_module.KINDS
+    assert protocol.LONG_TEXT_MODES == inference_module.LONG_TEXT_MODES
 
 
 def test_bad_request_code_is_distinct_from_invalid_argument() -> None:
@@ -771,7 +771,7 @@ def test_engine_crash_costs_the_child_not_the_daemon(
             # The engine is a child of this (the daemon's) process, running our worker.
             assert Path(f"/proc/{engine_pid}/stat").read_text().split()[3] == str(os.getpid())
             cmdline = Path(f"/proc/{engine_pid}/cmdline").read_bytes()
-            assert b"edge_agent.embedding.worker" in cmdline
+            assert b"edge_agent.embedding.child" in cmdline
             outcome: dict[str, Any] = {}
 
             def long_call() -> None:

@@ -100,7 +100,7 @@ def add_models_parser(commands: Any) -> None:
     p.add_argument("--document-template")
     p.add_argument("--matryoshka-dims", type=parse_dims_list, help="e.g. 64,128,256")
     p.set_defaults(func=cmd_models_import)
-    from ..models.convert_hf import CONVERT_QUANTS
+    from ..models.quantize import CONVERT_QUANTS
 
     p = model_commands.add_parser(
         "convert",

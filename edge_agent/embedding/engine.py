@@ -2,20 +2,23 @@
 
 Everything here runs on the thread that created the ``Engine``: llama.cpp contexts are not
 thread-safe, and the Embedder above guarantees one owning thread. Batches are filled through
-numpy views instead of per-token ctypes assignments, which would cost more than the model on
-short texts.
+typed memoryviews of ctypes arrays (one C-level copy per sequence) instead of per-token ctypes
+assignments, which would cost more than the model on short texts. No numpy: this module runs
+in the engine child, where numpy would add ~15 MB of RSS to every served model
+(docs/benchmarks.md, "Serving RSS against llama-server").
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import struct
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
-import numpy as np
 
 from ..errors import EngineError, ModelFileError
 from ..logs import kv
@@ -111,22 +114,37 @@ class Engine:
         self.add_sep = bool(llama_cpp.llama_vocab_get_add_sep(vocab))
 
         capacity = settings.batch_tokens
-        self._tokens = np.zeros(capacity, dtype=np.int32)
-        self._pos = np.zeros(capacity, dtype=np.int32)
-        self._n_seq_id = np.ones(capacity, dtype=np.int32)
-        self._logits = np.ones(capacity, dtype=np.int8)  # embeddings need every token as output
-        self._seq_values = np.arange(settings.max_sequences, dtype=np.int32)
-        self._seq_ptrs = np.zeros(capacity, dtype=np.uintp)
+        self._tokens = (ctypes.c_int32 * capacity)()
+        self._pos = (ctypes.c_int32 * capacity)()
+        self._n_seq_id = (ctypes.c_int32 * capacity)(*([1] * capacity))
+        self._logits = (ctypes.c_int8 * capacity)(*([1] * capacity))  # every token is output
+        self._seq_values = (ctypes.c_int32 * settings.max_sequences)(
+            *range(settings.max_sequences)
+        )
+        self._seq_ptrs = (ctypes.c_void_p * capacity)()
+        # Native-format views (ctypes arrays export "<i", which array('i') cannot be assigned
+        # to) for one C-level copy per sequence.
+        self._token_view = memoryview(self._tokens).cast("B").cast("i")
+        self._pos_view = memoryview(self._pos).cast("B").cast("i")
+        self._seq_ptr_bytes = memoryview(self._seq_ptrs).cast("B")
+        self._positions = memoryview(array("i", range(capacity)))
+        pointer_size = ctypes.sizeof(ctypes.c_void_p)
+        base = ctypes.addressof(self._seq_values)
+        self._seq_ptr_pattern = [
+            struct.pack("P", base + index * ctypes.sizeof(ctypes.c_int32))
+            for index in range(settings.max_sequences)
+        ]
+        self._pointer_size = pointer_size
         # Any: the bindings type these fields as arrays; they take the pointers set here.
         lb: Any = llama_cpp.llama_batch()
-        lb.token = self._tokens.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token))
+        lb.token = ctypes.cast(self._tokens, ctypes.POINTER(llama_cpp.llama_token))
         lb.embd = None
-        lb.pos = self._pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
-        lb.n_seq_id = self._n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        lb.seq_id = self._seq_ptrs.ctypes.data_as(
-            ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id))
+        lb.pos = ctypes.cast(self._pos, ctypes.POINTER(llama_cpp.llama_pos))
+        lb.n_seq_id = ctypes.cast(self._n_seq_id, ctypes.POINTER(ctypes.c_int32))
+        lb.seq_id = ctypes.cast(
+            self._seq_ptrs, ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id))
         )
-        lb.logits = self._logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        lb.logits = ctypes.cast(self._logits, ctypes.POINTER(ctypes.c_int8))
         self._batch = lb
         self._token_buffer = (llama_cpp.llama_token * 4096)()
 
@@ -215,8 +233,9 @@ class Engine:
                 raise EngineError(f"tokenizer failed on a text of {len(data)} bytes")
         return list(buffer[:count])
 
-    def embed_batch(self, sequences: list[list[int]]) -> np.ndarray:
-        """Embed up to ``max_sequences`` token sequences whose total fits ``batch_tokens``."""
+    def embed_batch(self, sequences: list[list[int]]) -> bytes:
+        """Embed up to ``max_sequences`` token sequences whose total fits ``batch_tokens``:
+        the pooled vectors as float32 rows (``len(sequences) x dims``), in order."""
         total = sum(len(s) for s in sequences)
         if total > self.settings.batch_tokens or len(sequences) > self.settings.max_sequences:
             # Never hand llama.cpp an oversized batch: it aborts the process instead of failing.
@@ -225,13 +244,15 @@ class Engine:
                 f"{self.settings.batch_tokens} / {self.settings.max_sequences}"
             )
         offset = 0
-        base = self._seq_values.ctypes.data
-        itemsize = self._seq_values.itemsize
+        width = self._pointer_size
         for seq_index, tokens in enumerate(sequences):
-            end = offset + len(tokens)
-            self._tokens[offset:end] = tokens
-            self._pos[offset:end] = np.arange(len(tokens), dtype=np.int32)
-            self._seq_ptrs[offset:end] = base + seq_index * itemsize
+            length = len(tokens)
+            end = offset + length
+            self._token_view[offset:end] = array("i", tokens)
+            self._pos_view[offset:end] = self._positions[:length]
+            self._seq_ptr_bytes[offset * width : end * width] = (
+                self._seq_ptr_pattern[seq_index] * length
+            )
             offset = end
         self._batch.n_tokens = total
         ctx, memory = self._ctx, self._memory
@@ -242,13 +263,14 @@ class Engine:
         status = llama_cpp.llama_decode(ctx, self._batch)
         if status != 0:
             raise EngineError(f"llama.cpp decode failed (status {status}) on {total} tokens")
-        out = np.empty((len(sequences), self.dims), dtype=np.float32)
+        row_bytes = self.dims * 4
+        rows = []
         for seq_index in range(len(sequences)):
             pointer = llama_cpp.llama_get_embeddings_seq(ctx, seq_index)
             if not pointer:
                 raise EngineError(f"llama.cpp returned no embedding for sequence {seq_index}")
-            out[seq_index] = np.ctypeslib.as_array(pointer, shape=(self.dims,))
-        return out
+            rows.append(ctypes.string_at(pointer, row_bytes))
+        return b"".join(rows)
 
     def close(self) -> None:
         if getattr(self, "_solo_ctx", None):

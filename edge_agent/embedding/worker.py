@@ -1,10 +1,12 @@
-"""Run the Embedder in a child process, so an engine fault costs a child, not the daemon.
+"""Run the engine in a child process, so an engine fault costs a child, not the daemon.
 
 llama.cpp reports some faults by aborting the process (GGML_ASSERT: an oversized encoder batch,
 an unsupported tensor type, hardware-specific kernel bugs). ``ProcessEmbedder`` has the same
 surface as ``Embedder`` but forwards each call over a pipe to a spawned child that owns the
-real Embedder. If the child dies, the call in flight fails with ``EngineError`` (naming the
-signal), the parent stays up, and the next call starts a fresh child. Typed errors raised in the
+engine (embedding/child.py: an ``Inference``, without numpy) and normalises the raw rows the
+child sends back here, where numpy is loaded anyway (``embedder.finish``). If the child dies,
+the call in flight fails with ``EngineError`` (naming the signal), the parent stays up, and
+the next call starts a fresh child. Typed errors raised in the
 child (bad input, text too long, ...) arrive in the parent as the same classes.
 
 Two ways in: ``embed`` blocks its thread; ``submit`` (the daemon's) writes the request from the
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import pickle
@@ -27,12 +28,10 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from ..errors import (
     EdgeAgentError,
@@ -44,20 +43,14 @@ from ..errors import (
 from ..logs import kv
 from ..models.manifest import ModelManifest
 from ..models.store import ResolvedModel
-from .children import child_environment, import_engine_bindings
-from .embedder import Embedder, EmbedderConfig, Embeddings, ModelHandle
+from .child import Ready
+from .children import child_environment
+from .embedder import EmbedderConfig, Embeddings, ModelHandle, finish
+from .inference import RawEmbeddings
 
 __all__ = ["ProcessEmbedder"]
 
 log = logging.getLogger("edge_agent.worker")
-
-
-
-@dataclass(frozen=True)
-class _Ready:
-    max_tokens: int
-    threads: int
-    seconds_per_token: float = 0.0  # measured on a warm-up text at start
 
 
 def _put(conn: Connection, message: Any) -> None:
@@ -70,120 +63,9 @@ def _get(conn: Connection) -> Any:
     return pickle.loads(conn.recv_bytes())
 
 
-def _pack_embeddings(result: Embeddings) -> tuple[Any, ...]:
-    """Embeddings as plain values: pickling a numpy array through a pipe costs ~100 µs per
-    reply (more than the rest of the hop), raw bytes cost ~1 µs."""
-    vectors = np.ascontiguousarray(result.vectors, dtype=np.float32)
-    return (
-        vectors.tobytes(),
-        vectors.shape,
-        result.token_counts,
-        result.truncated,
-        result.chunks,
-        result.model,
-        result.quant,
-    )
-
-
-def _unpack_embeddings(packed: tuple[Any, ...]) -> Embeddings:
-    data, shape, token_counts, truncated, chunks, model, quant = packed
-    vectors = np.frombuffer(bytearray(data), dtype=np.float32).reshape(shape)
-    return Embeddings(vectors, token_counts, truncated, chunks, model, quant)
-
-
 def _seconds(timeout: float) -> str:
     """A deadline for a message: "1s", "0.35s" (no ".0" on whole seconds, no lost fractions)."""
     return f"{round(timeout, 2):g}s"
-
-
-def _release_memory() -> None:
-    """Give freed heap back to the OS after a large call: glibc keeps the arenas that held
-    a 4,096-text batch's token lists and buffers (~90 MB measured) for the child's lifetime."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _exit_with_parent(fd: int) -> None:
-    """A thread that ends the child when the parent dies: the parent holds the only write end
-    of this pipe, so the read returns (EOF) exactly when the parent is gone. Works on every
-    OS and while the main thread is inside llama.cpp; exits without a traceback."""
-
-    def watch() -> None:
-        with contextlib.suppress(OSError):
-            while os.read(fd, 64):
-                pass
-        os._exit(0)
-
-    threading.Thread(target=watch, name="edge-agent-parent-watch", daemon=True).start()
-
-
-# Texts per call above which the child trims its heap afterwards (a cheap call, but not free).
-_TRIM_AFTER_TEXTS = 256
-
-
-def _warm_up_seconds_per_token(embedder: Embedder) -> float:
-    """Two short embeds at start: the first warms the caches and the engine's buffers (it is
-    several times slower than later calls); the second's time per token seeds the parent's
-    call deadlines before any real call has been measured (an overestimate still: a short
-    call's fixed cost is spread over few tokens)."""
-    text = ["edge agent warm-up text for the engine " * 4]
-    embedder.embed(text)
-    started = time.perf_counter()
-    result = embedder.embed(text)
-    return (time.perf_counter() - started) / max(1, sum(result.token_counts))
-
-
-def _child_main(conn: Connection) -> None:
-    """The child: take (model, config), open the embedder, then answer (args, kwargs)
-    requests until the socket closes (the parent stopped us, or died)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    try:
-        resolved, config = _get(conn)
-    except (EOFError, OSError):
-        return
-    try:
-        # This thread does nothing else: llama.cpp runs on it directly (no handoff per call).
-        embedder = Embedder(resolved, config, on_caller_thread=True)
-        rate = _warm_up_seconds_per_token(embedder)
-    except EdgeAgentError as exc:
-        _put(conn, ("error", int(exc.code), exc.message, exc.data))
-        return
-    ready = _Ready(max_tokens=embedder.max_tokens, threads=embedder.threads, seconds_per_token=rate)
-    with embedder:
-        try:
-            _put(conn, ("ready", ready))
-            while True:
-                request = _get(conn)
-                if request is None:
-                    return
-                if request == "ping":
-                    _put(conn, ("pong",))
-                    continue
-                args, kwargs = request
-                try:
-                    reply: tuple[Any, ...] = (
-                        "ok",
-                        *_pack_embeddings(embedder.embed(*args, **kwargs)),
-                    )
-                except EdgeAgentError as exc:
-                    reply = ("error", int(exc.code), exc.message, exc.data)
-                _put(conn, reply)
-                if args and len(args[0]) > _TRIM_AFTER_TEXTS:
-                    del reply
-                    _release_memory()
-        except (EOFError, OSError):
-            return  # the parent closed the socket or died: nothing to answer
-
-
-def child_entry(fd: int, parent_fd: int | None = None) -> None:
-    """``python -c 'from edge_agent.embedding.worker import child_entry; child_entry(FD, PFD)'``:
-    the child's whole program, on the socket the parent passed as ``fd``; ``parent_fd`` is the
-    read end of the pipe whose EOF means the parent died."""
-    if parent_fd is not None:
-        _exit_with_parent(parent_fd)
-    import_engine_bindings()  # before anything imports llama_cpp: its bindings only
-    _child_main(Connection(fd))
 
 
 class _Child:
@@ -197,7 +79,7 @@ class _Child:
         command = [
             sys.executable,
             "-c",
-            f"from edge_agent.embedding.worker import child_entry; child_entry({fd}, {watch_read})",
+            f"from edge_agent.embedding.child import child_entry; child_entry({fd}, {watch_read})",
         ]
         try:
             self._popen = subprocess.Popen(
@@ -275,7 +157,7 @@ class ProcessEmbedder(ModelHandle):
             call_timeout=self._call_timeout,
         )
 
-    def _start(self) -> _Ready:
+    def _start(self) -> Ready:
         ours, theirs = socket.socketpair()
         try:
             process = _Child(theirs.fileno())
@@ -283,7 +165,7 @@ class ProcessEmbedder(ModelHandle):
             theirs.close()
         self._process, self._conn = process, Connection(ours.detach())
         try:
-            _put(self._conn, (self._resolved, self.config))
+            _put(self._conn, (self.path, self.manifest, self.quant, self.config))
         except OSError:
             pass  # it died at once: _receive says how
         reply = self._receive(self._start_timeout, "starting")
@@ -365,7 +247,7 @@ class ProcessEmbedder(ModelHandle):
     @staticmethod
     def _result(reply: tuple[Any, ...]) -> Embeddings:
         if reply[0] == "ok":
-            return _unpack_embeddings(reply[1:])
+            return finish(RawEmbeddings(*reply[1:]))
         raise error_for_code(reply[1])(reply[2], **reply[3])
 
     def embed(self, *args: Any, **kwargs: Any) -> Embeddings:

@@ -29,7 +29,7 @@ from ..progress import Progress
 from .convert_st import Prompts, read_json, read_matryoshka_dims, read_prompts
 from .gguf_meta import read_gguf_info
 from .manifest import POOLING_NAMES, ModelFile, ModelManifest
-from .quantize import QUANT_FTYPES
+from .quantize import CONVERT_QUANTS, QUANT_FTYPES
 from .store import KNOWN_TEMPLATES, ModelStore, validate_model_name
 
 __all__ = ["CONVERT_QUANTS", "SUPPORTED_ARCHITECTURES", "convert_model"]
@@ -41,7 +41,6 @@ SUPPORTED_ARCHITECTURES = {
     "bert": "BERT sentence embedders (all-MiniLM, bge, e5, gte-style)",
     "qwen3": "Qwen3 (Qwen3-Embedding)",
 }
-CONVERT_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")
 _CONVERTED = ("F32", "F16")
 # Order used when nothing else decides (the same reasoning as the default model's, see
 # models/default.py): Q8_0 first.

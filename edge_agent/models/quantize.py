@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import EngineError
 
-__all__ = ["QUANT_FTYPES", "quantize"]
+__all__ = ["CONVERT_QUANTS", "QUANT_FTYPES", "quantize"]
 
 # llama.cpp's enum llama_ftype values for the quants we produce.
 QUANT_FTYPES = {
@@ -18,6 +18,10 @@ QUANT_FTYPES = {
     "Q5_K_M": 17,
     "Q6_K": 18,
 }
+# The ladder `models convert` writes by default. Here, not in convert_hf: the CLI names it in
+# its help text, and importing the converter would load gguf and numpy (~15 MB) into every
+# command, the daemon included.
+CONVERT_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")
 
 
 def quantize(source: Path, target: Path, quant: str, threads: int = 0) -> None:

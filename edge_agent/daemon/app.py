@@ -24,7 +24,7 @@ from ..addresses import is_loopback, parse_host_port
 from ..embedding.embedder import Embedder
 from ..embedding.worker import ProcessEmbedder
 from ..errors import EdgeAgentError, EngineError, InsecureListen, InvalidArgument
-from ..hardware.memory import read_meminfo
+from ..hardware.memory import read_meminfo, release_free_heap
 from ..index import IndexStore
 from ..index.manifest import CollectionManifest
 from ..lan.identity import agent_id_for
@@ -408,6 +408,8 @@ def serve(options: ServeOptions, ready: Callable[[str], None] | None = None) -> 
             socket_arg = shlex.quote(str(Path(options.socket_path).expanduser()))
             print(f'try: {_own_command()} embed --socket {socket_arg} "hello world"')
         sys.stdout.flush()
+        # Start-up is over: hand back the heap it freed (module compiles, the self-test).
+        release_free_heap()
         if ready is not None:
             ready(address)
 

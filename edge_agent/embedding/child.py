@@ -16,18 +16,17 @@ normalises them (embedder.finish).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pickle
 import signal
 import struct
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import EdgeAgentError
+from ..hardware.memory import release_free_heap
 from .children import import_engine_bindings
 from .inference import Inference, RawEmbeddings
 
@@ -92,14 +91,6 @@ def pack_raw(result: RawEmbeddings) -> tuple[Any, ...]:
     )
 
 
-def _release_memory() -> None:
-    """Give freed heap back to the OS after a large call: glibc keeps the arenas that held
-    a 4,096-text batch's token lists and buffers (~90 MB measured) for the child's lifetime."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def _exit_with_parent(fd: int) -> None:
     """A thread that ends the child when the parent dies: the parent holds the only write end
     of this pipe, so the read returns (EOF) exactly when the parent is gone. Works on every
@@ -146,6 +137,7 @@ def _serve(conn: _Framed) -> None:
         conn.put(("error", int(exc.code), exc.message, exc.data))
         return
     ready = Ready(inference.max_tokens, inference.threads, seconds_per_token=rate)
+    release_free_heap()  # what loading the model and compiling modules freed
     try:
         conn.put(("ready", ready))
         while True:
@@ -163,7 +155,9 @@ def _serve(conn: _Framed) -> None:
             conn.put(reply)
             if args and len(args[0]) > _TRIM_AFTER_TEXTS:
                 del reply
-                _release_memory()
+                # glibc keeps the heap that held a 4,096-text call's token lists and buffers
+                # (~90 MB measured) for the child's lifetime otherwise.
+                release_free_heap()
     except (EOFError, OSError):
         return  # the parent closed the socket or died: nothing to answer
     finally:

@@ -56,6 +56,9 @@ plain words or separators, and a query with no word finds nothing.
 Thread safety: writes are serialised on one connection; searches run on a small pool of
 reader connections, concurrently with each other and with a write (WAL mode: readers see the
 last committed state).
+
+``sqlite3`` is imported by the functions that use it, not here: a daemon that only embeds
+never loads it (~1 MB of RSS; docs/benchmarks.md, "Serving RSS against llama-server").
 """
 
 from __future__ import annotations
@@ -65,14 +68,16 @@ import functools
 import logging
 import os
 import re
-import sqlite3
 import threading
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import IndexCorrupt, IndexFull, InvalidArgument
+
+if TYPE_CHECKING:
+    import sqlite3
 
 __all__ = [
     "ANALYZER_VERSION",
@@ -240,6 +245,8 @@ def match_expression(rare: Sequence[str], common: Sequence[str] = ()) -> str | N
 
 
 def fts5_available() -> bool:
+    import sqlite3  # lazily: see the module docstring
+
     try:
         with contextlib.closing(sqlite3.connect(":memory:")) as db:
             db.execute(f'CREATE VIRTUAL TABLE t USING fts5(x, tokenize="{_tokenizer(True)}")')
@@ -264,6 +271,8 @@ def _check_lsn(lsn: object) -> int:
 
 
 def _is_corruption(exc: sqlite3.Error) -> bool:
+    import sqlite3  # lazily: see the module docstring
+
     text = str(exc).lower()
     return type(exc) is sqlite3.DatabaseError or "malformed" in text or "not a database" in text
 
@@ -271,6 +280,8 @@ def _is_corruption(exc: sqlite3.Error) -> bool:
 @contextlib.contextmanager
 def _typed_errors() -> Iterator[None]:
     """SQLite's disk-full and corruption errors as the index's own typed errors."""
+    import sqlite3  # lazily: see the module docstring
+
     try:
         yield
     except sqlite3.Error as exc:
@@ -297,6 +308,8 @@ class KeywordIndex:
         """Open or create the file. ``owner`` names the label space (e.g. an id the collection
         renews when it is created or reindexed): a file written for another owner, by
         another analyser version, or unreadable, is started afresh with applied_lsn 0."""
+        import sqlite3  # lazily: see the module docstring
+
         self.path = Path(path)
         self.owner = owner
         self.stem = stem
@@ -329,6 +342,8 @@ class KeywordIndex:
     # -- opening -------------------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
+        import sqlite3  # lazily: see the module docstring
+
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA busy_timeout = 10000")
         return db
@@ -347,6 +362,8 @@ class KeywordIndex:
         return db
 
     def _ensure_schema(self, db: sqlite3.Connection) -> None:
+        import sqlite3  # lazily: see the module docstring
+
         expected = {
             "schema": str(SCHEMA_VERSION),
             "analyzer": ANALYZER_VERSION,
@@ -414,6 +431,8 @@ class KeywordIndex:
 
     @staticmethod
     def _rollback(db: sqlite3.Connection) -> None:
+        import sqlite3  # lazily: see the module docstring
+
         if db.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
@@ -729,6 +748,8 @@ class KeywordIndex:
 
     def check(self) -> list[str]:
         """Problems found by SQLite's and FTS5's integrity checks (empty: none)."""
+        import sqlite3  # lazily: see the module docstring
+
         problems: list[str] = []
         with self._write_lock:
             db = self._writer()

@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import hnswlib
 import numpy as np
 
 from .filters import Postings
+
+if TYPE_CHECKING:
+    import hnswlib
 
 __all__ = ["ExactCache", "Memory", "StoredDoc", "top_k"]
 
@@ -117,6 +119,10 @@ class Memory:
     def empty(
         cls, dim: int, *, m: int, ef_construction: int, capacity: int, threads: int, exact_max: int
     ) -> Memory:
+        # Imported when a collection first needs a graph: a daemon that only embeds never
+        # loads hnswlib (~1 MB of RSS; docs/benchmarks.md, "Serving RSS against llama-server").
+        import hnswlib
+
         index = hnswlib.Index(space="ip", dim=dim)
         index.init_index(
             max_elements=capacity, ef_construction=ef_construction, M=m, allow_replace_deleted=True

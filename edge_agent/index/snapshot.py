@@ -26,14 +26,16 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import hnswlib
 import msgpack
 import numpy as np
 
 from ..errors import IndexCorrupt
 from .fsutil import TMP_SUFFIX, fsync_dir, fsync_fd
+
+if TYPE_CHECKING:
+    import hnswlib
 
 __all__ = [
     "GraphCopy",
@@ -572,6 +574,8 @@ def load_snapshot(
         directory, gen, dim=dim, m=m, vectors_up_to=vectors_up_to
     )
     hnsw_path, _ = snapshot_paths(directory, gen)
+    import hnswlib  # when a collection first loads a graph (index/memory.py says why)
+
     index = hnswlib.Index(space="ip", dim=dim)
     try:
         index.load_index(

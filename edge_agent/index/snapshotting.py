@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import hnswlib
 import numpy as np
 
 from ..errors import InvalidArgument
@@ -286,6 +285,8 @@ class Snapshotting(CollectionState):
         with self._rw.read():
             labels = [doc.label for doc in memory.docs.values()]
             vectors = memory.vectors_of(labels)
+        import hnswlib  # when a collection first needs a graph (index/memory.py says why)
+
         index = hnswlib.Index(space="ip", dim=manifest.dim)
         index.init_index(
             max_elements=max(self.config.initial_capacity, int(len(labels) * 1.25) + 1),

@@ -7,7 +7,6 @@ need nor install, so it is located with importlib without being imported.
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import logging
 import shutil
@@ -48,6 +47,10 @@ def default_model_source_dir() -> Path:
 
 
 def _source_label() -> str:
+    # Here, not at the top: importlib.metadata brings email, zipfile and csv (~1.4 MB of RSS)
+    # into every process that names DEFAULT_MODEL, the daemon included.
+    import importlib.metadata
+
     try:
         version = importlib.metadata.version(WEIGHTS_PACKAGE)
     except importlib.metadata.PackageNotFoundError:

@@ -110,16 +110,24 @@ def _header_values(handle: IO[bytes], wanted: set[str]) -> dict[str, Any]:
     return values
 
 
+# llama.cpp's enum llama_ftype (general.file_type) by value, as gguf.LlamaFileType names it
+# without its MOSTLY_/ALL_ prefixes. A table, not the gguf package: importing gguf for these
+# names cost the daemon ~5 MB of RSS (docs/benchmarks.md, "Serving RSS against llama-server");
+# tests/test_gguf_meta.py checks the table against the installed gguf.
+FILE_TYPE_NAMES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+    17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
+    23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
+    29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0",
+    38: "MXFP4_MOE", 39: "NVFP4", 40: "Q1_0", 1024: "GUESSED",
+}  # fmt: skip
+
+
 def quant_name(file_type: int | None) -> str:
     if file_type is None:
         return "UNKNOWN"
-    import gguf  # the names only; the package is heavy (~10 MB), so it loads when needed
-
-    try:
-        name = gguf.LlamaFileType(file_type).name
-    except ValueError:
-        return f"FTYPE_{file_type}"
-    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    return FILE_TYPE_NAMES.get(file_type, f"FTYPE_{file_type}")
 
 
 def read_gguf_info(path: Path) -> GgufInfo:

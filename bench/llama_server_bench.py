@@ -333,6 +333,9 @@ def main() -> None:
                             best[(name, label)] = result
                 print(f"  round {round_number + 1}/{args.rounds} done", file=sys.stderr)
             rss = {name: peak_rss_mb(tree_pids(pid)) for name, (_, pid) in makers.items()}
+            # Per process: the daemon, then its children (the engine child; a query-lane
+            # child only if one started).
+            per_process = [peak_rss_mb([pid]) for pid in tree_pids(daemon.pid)]
         finally:
             daemon.terminate()
             llama.terminate()
@@ -358,9 +361,15 @@ def main() -> None:
     per_k = {name: 1000 * spent / max(count, 1) for name, (spent, count) in cpu.items()}
     print()
     print(markdown_table(
-        ["server", "CPU s per 1,000 texts (all passes)", "peak RSS MB (all processes)"],
-        [[name, f"{per_k[name]:.2f}", f"{rss[name]:.0f}"] for name in makers],
+        ["server", "CPU s per 1,000 texts (all passes)", "peak RSS MiB (all processes)"],
+        [[name, f"{per_k[name]:.2f}", f"{rss[name]:.1f}"] for name in makers],
     ))  # fmt: skip
+    print(
+        f"\npeak RSS: edge-agent / llama-server = {rss['edge-agent'] / rss['llama-server']:.2f}"
+        f" (daemon {per_process[0]:.1f} MiB + engine child"
+        f"{'ren' if len(per_process) > 2 else ''} {' + '.join(f'{v:.1f}' for v in per_process[1:])}"
+        " MiB; each process's own peak, VmHWM)"
+    )
     print(
         f"\ncosine between the two servers' vectors on 32 texts: min {cosine.min():.6f},"
         f" mean {cosine.mean():.6f}"

@@ -77,8 +77,18 @@ class Runner:
 
 
 def project_version() -> str:
+    """The version pyproject.toml builds: a literal in pyproject.toml, or (dynamic) the
+    ``__version__`` of the module its ``attr`` names (edge_agent/_version.py)."""
     data = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
-    return str(data["project"]["version"])
+    if "version" in data["project"]:
+        return str(data["project"]["version"])
+    attr = data["tool"]["setuptools"]["dynamic"]["version"]["attr"]
+    module, _, name = attr.rpartition(".")
+    source = (REPO / Path(*module.split("."))).with_suffix(".py").read_text(encoding="utf-8")
+    match = re.search(rf"^{re.escape(name)}\s*=\s*[\"']([^\"']+)[\"']", source, re.MULTILINE)
+    if match is None:
+        raise SystemExit(f"no {name} = '...' in {module}")
+    return match.group(1)
 
 
 def _pip(python: str | Path, *args: str) -> list[str]:
